@@ -257,9 +257,16 @@ class ShardWriter:
 
 
 def convert_checkpoint(
-    original_dir: str, output_dir: str, dtype: torch.dtype = torch.bfloat16, max_shard_size: str = "2GB"
+    original_dir: str,
+    output_dir: str,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str = "2GB",
+    dry_run: bool = False,
 ) -> str:
-    """Converts `original_dir` (original release layout) into `output_dir`; returns `output_dir`."""
+    """Converts `original_dir` (original release layout) into `output_dir`; returns `output_dir`.
+
+    `dry_run=True` validates files, configs, tokenizer, key sets and shapes without reading the model weights or writing.
+    """
     check_original_folder(original_dir)
     ema = SafetensorsReader(os.path.join(original_dir, "ema.safetensors"))
     ae = SafetensorsReader(os.path.join(original_dir, "ae.safetensors"))
@@ -278,7 +285,10 @@ def convert_checkpoint(
     source.update({f"<unmapped> {key}": ema.shape(key) for key in unknown})
     check_keys_and_shapes(ema.path, source, expected_llm)
     vae_tensors = convert_vae(ae, config)
-    check_keys_and_shapes(ae.path, {k: tuple(v.shape) for k, v in vae_tensors.items()}, {k: v for k, v in expected.items() if k.startswith("model.vae.")})
+    expected_vae = {k: v for k, v in expected.items() if k.startswith("model.vae.")}
+    check_keys_and_shapes(ae.path, {k: tuple(v.shape) for k, v in vae_tensors.items()}, expected_vae)
+    if dry_run:
+        return output_dir
 
     os.makedirs(output_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".converting-", dir=output_dir)
@@ -323,13 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", help="folder to write (config.json, sharded safetensors, processor, code)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the written weights")
     parser.add_argument("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB or 500MB")
+    parser.add_argument("--dry-run", action="store_true", help="only validate the original folder")
     args = parser.parse_args(argv)
     try:
-        convert_checkpoint(args.original_dir, args.output_dir, DTYPES[args.dtype], args.max_shard_size)
+        convert_checkpoint(args.original_dir, args.output_dir, DTYPES[args.dtype], args.max_shard_size, args.dry_run)
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"converted {args.original_dir} -> {args.output_dir}")
+    print(f"{'validated' if args.dry_run else 'converted'} {args.original_dir} -> {args.output_dir}")
     return 0
 
 

@@ -784,7 +784,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        timestep_shift: float = 3.0,
+        timestep_shift: float | None = None,
         cfg_text_scale: float = 4.0,
         cfg_img_scale: float = 1.5,
         cfg_interval: tuple[float, float] = (0.4, 1.0),
@@ -795,6 +795,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         vae_encode: str = "sample",
         decode: bool = True,
         callback_on_step_end: Callable | None = None,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
         **kwargs,
     ) -> UniMedVLImageGenerationOutput:
         """Generates one image per row of `input_ids` `[batch, seq]` by rectified flow with classifier-free guidance.
@@ -805,7 +806,10 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         steps runs the noisy `[<|vision_start|>, h*w latents, <|vision_end|>]` block against those caches without
         writing it. `latents` `[batch, h*w, 64]` replace the initial noise (drawn on the CPU from `generator`
         otherwise); the flow state stays float32. `vae_encode` ("sample" as the original, or "mean") chooses how input
-        images are encoded. Returns images in [-1, 1] `[batch, 3, height, width]` and the final latent tokens.
+        images are encoded. The schedule is BAGEL's: `linspace(1, 0, num_inference_steps)` shifted by `timestep_shift`
+        (default 3.0), run by `scheduler` (a `FlowMatchEulerDiscreteScheduler`, created if not given; a given
+        `timestep_shift` is set on it). `callback_on_step_end(step, timestep, latents)` may return new latents.
+        Returns images in [-1, 1] `[batch, 3, height, width]` (`decode=False`: `None`) and the final latent tokens.
         """
         if kwargs:
             raise TypeError(f"generate_image() got unexpected arguments: {sorted(kwargs)}")
@@ -834,7 +838,10 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         context = self._prefill_cfg_contexts(
             input_ids, attention_mask, pixel_values, image_grid_hw, cond_latents, cond_grid
         )
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=timestep_shift)
+        if scheduler is None:
+            scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if timestep_shift is None else timestep_shift)
+        elif timestep_shift is not None:
+            scheduler.set_shift(timestep_shift)
         sigmas = torch.linspace(1, 0, num_inference_steps)[:-1].tolist()
         scheduler.set_timesteps(sigmas=sigmas, device=device)
         use_text = cfg_text_scale > 1.0
