@@ -9,6 +9,7 @@ independent statement of the release.
 import json
 import os
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 
@@ -136,8 +137,19 @@ def flux_ae_tensors(ch: int = 128, ch_mult=(1, 2, 4, 4), num_res_blocks: int = 2
     return shapes
 
 
-def write_sparse_safetensors(path: str, shapes: dict[str, tuple], dtype: str) -> int:
-    """Writes a valid safetensors header for `shapes` and extends the file sparsely; returns the number of elements."""
+def sincos_table(grid: int, dim: int) -> torch.Tensor:
+    """MAE 2-D sin-cos table `[grid², dim]`: row h*grid+w = [sin, cos](w·ω) ++ [sin, cos](h·ω), ω_k = 10000^(-k/(dim/4))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coords = torch.arange(grid, dtype=torch.float64)[:, None] * omega[None]
+    one_d = torch.cat([coords.sin(), coords.cos()], dim=1)
+    rows = one_d[:, None, :].expand(grid, grid, dim // 2)
+    cols = one_d[None, :, :].expand(grid, grid, dim // 2)
+    return torch.cat([cols, rows], dim=-1).reshape(grid * grid, dim)
+
+
+def write_sparse_safetensors(path: str, shapes: dict[str, tuple], dtype: str, data: dict | None = None) -> int:
+    """Writes a valid safetensors header for `shapes`, the tensors in `data` at their offsets, and extends the file
+    sparsely (holes read as zeros); returns the number of elements."""
     itemsize = {"BF16": 2, "F32": 4}[dtype]
     header, offset, elements = {}, 0, 0
     for key, shape in shapes.items():
@@ -149,10 +161,14 @@ def write_sparse_safetensors(path: str, shapes: dict[str, tuple], dtype: str) ->
         elements += count
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
+    torch_dtype = {"BF16": torch.bfloat16, "F32": torch.float32}[dtype]
     with open(path, "wb") as handle:
         handle.write(len(encoded).to_bytes(8, "little"))
         handle.write(encoded)
         handle.truncate(8 + len(encoded) + offset)
+        for key, tensor in (data or {}).items():
+            handle.seek(8 + len(encoded) + header[key]["data_offsets"][0])
+            handle.write(tensor.to(torch_dtype).contiguous().view(torch.uint8).numpy().tobytes())
     return elements
 
 
@@ -180,7 +196,8 @@ def write_synthetic_release(folder: str) -> dict[str, int]:
         json.dump(RELEASE_VIT, handle)
     ema = ema_tensors(RELEASE_LLM, RELEASE_VIT)
     ae = flux_ae_tensors()
-    ema_elements = write_sparse_safetensors(os.path.join(folder, "ema.safetensors"), ema, "BF16")
+    tables = {key: sincos_table(int(shape[0] ** 0.5), shape[1]) for key, shape in ema.items() if key.endswith("pos_embed")}
+    ema_elements = write_sparse_safetensors(os.path.join(folder, "ema.safetensors"), ema, "BF16", tables)
     ae_elements = write_sparse_safetensors(os.path.join(folder, "ae.safetensors"), ae, "F32")
     write_qwen_like_tokenizer(folder)
     return {"ema_tensors": len(ema), "ema_elements": ema_elements, "ae_tensors": len(ae), "ae_elements": ae_elements}
