@@ -1,0 +1,204 @@
+"""Builds the model cards of UniMedVL (converted 14B release) and UniMedVL-Tiny with `huggingface_hub.ModelCard`.
+
+    python model_cards/build_model_cards.py [--output-dir model_cards] [--tiny-results results.json]
+
+Writes `UniMedVL-14B.md` and `UniMedVL-Tiny.md` (each becomes a repository's README.md when published with
+`model_cards/publish.py`). Figures in the 14B card are those reported by the UniMedVL authors, labelled as such; the
+Tiny card takes measured results from a JSON file `{"metric name": {"value": v, "baseline": b, "dataset": d}}`.
+"""
+
+import argparse
+import json
+import pathlib
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+
+CARDS_DIR = pathlib.Path(__file__).resolve().parent
+
+OUT_OF_SCOPE = (
+    "UniMedVL is a research model. It is **not a medical device** and must not be used for diagnosis, triage, "
+    "treatment decisions or any clinical decision making, nor to produce images that stand in for real patient "
+    "data. Generated images are synthetic: never use them as ground truth, as evidence in a record, or to train "
+    "diagnostic models without expert review. Outputs can be fluent and wrong (hallucinated findings, confused "
+    "modalities or laterality)."
+)
+LIMITATIONS = (
+    "- Hallucinated or omitted findings in answers and reports; confident answers to questions outside its data.\n"
+    "- Modality and body-region confusion, especially for rare modalities and for images unlike its training data.\n"
+    "- Generated images can look plausible while being anatomically wrong; they inherit the biases of the training "
+    "data (institutions, scanners, populations, the over-representation of chest X-rays and common pathologies).\n"
+    "- English prompts only; no patient-level reasoning across studies; no guarantee of calibration."
+)
+RECOMMENDATIONS = (
+    "Keep a qualified human in the loop, evaluate on your own data and population before any use, report the "
+    "evaluation settings (see the evaluation harness, `unimedvl eval`), and label every generated image as synthetic."
+)
+GET_STARTED = """```python
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("{repo}", trust_remote_code=True, dtype=torch.bfloat16)
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
+inputs = processor(images=image, text="What abnormality is seen in this chest X-ray?")
+ids = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(processor.decode_answers(ids[:, inputs["input_ids"].shape[1]:])[0])
+
+inputs = processor(text="Axial brain MRI, T2-weighted.", generation_mode="image")
+image = model.generate(**inputs, generation_mode="image", height=512, width=512).images  # [1, 3, H, W] in [-1, 1]
+```"""
+CITATION = """@misc{unimedvl,
+  title        = {UniMedVL: Unifying Medical Multimodal Understanding and Generation},
+  author       = {{General Medical AI (uni-medical)}},
+  howpublished = {\\url{https://github.com/uni-medical/UniMedVL}},
+}
+@article{bagel,
+  title   = {Emerging Properties in Unified Multimodal Pretraining},
+  author  = {Deng, Chaorui and others},
+  journal = {arXiv preprint arXiv:2505.14683},
+  year    = {2025},
+}"""
+
+REPORTED_VQA = {"VQA-RAD": 61.9, "SLAKE": 75.4, "PathVQA": 53.5, "OmniMedVQA": 85.8, "GMAI-MMBench": 60.75}
+REPORTED_T2I = {
+    "CFP": (53.20, 0.708), "CXR": (73.04, 0.702), "CT": (73.04, 0.696), "HIS": (149.01, 0.704),
+    "MRI": (90.36, 0.706), "OCT": (99.27, 0.721), "Ultrasound": (95.38, 0.706), "Endoscopy": (133.11, 0.707),
+}
+REPORTED_I2I = {
+    "Virtual IHC staining H&E → IHC": (20.27, 0.456),
+    "MRI super-resolution 4×": (27.29, 0.890),
+    "Cross-modal T2 ↔ FLAIR (average)": (25.07, 0.882),
+}
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def release_card(repo_id: str = "General-Medical-AI/UniMedVL") -> ModelCard:
+    """Card of the converted 14B release; evaluation figures are the authors' reported numbers."""
+    card_data = ModelCardData(
+        language="en",
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="any-to-any",
+        base_model="ByteDance-Seed/BAGEL-7B-MoT",
+        tags=["medical", "radiology", "pathology", "vision-language", "image-generation", "unimedvl", "custom_code"],
+        eval_results=[
+            EvalResult(
+                task_type="visual-question-answering", dataset_type=name.lower(), dataset_name=name,
+                metric_type="accuracy", metric_value=value, source_name="UniMedVL README (reported)",
+                source_url="https://github.com/uni-medical/UniMedVL",
+            )
+            for name, value in REPORTED_VQA.items()
+        ],
+        model_name="UniMedVL",
+        extra_gated_prompt="Research use only. Not for clinical diagnosis or treatment decisions.",
+    )
+    results = "\n\n".join([
+        "All figures below are **reported by the UniMedVL authors** (README); this package has not re-measured them.",
+        "Medical VQA accuracy (%):\n\n" + _table(list(REPORTED_VQA), [list(REPORTED_VQA.values())]),
+        "Text-to-image, gFID ↓ / BiomedCLIP score ↑:\n\n"
+        + _table(["modality", "gFID", "BiomedCLIP"], [[k, *v] for k, v in REPORTED_T2I.items()]),
+        "Image-to-image, PSNR ↑ / SSIM ↑:\n\n" + _table(["task", "PSNR", "SSIM"], [[k, *v] for k, v in REPORTED_I2I.items()]),
+    ])
+    return ModelCard.from_template(
+        card_data,
+        model_id="UniMedVL (transformers format)",
+        model_summary=(
+            "A unified medical vision-language model that answers questions about medical images, writes reports, "
+            "and generates medical images from text or from other images, converted to native transformers classes."
+        ),
+        model_description=(
+            "14.6 B-parameter Mixture-of-Transformers (BAGEL architecture): a Qwen2.5-7B understanding expert and an "
+            "equally sized generation expert sharing one attention, a 26-layer SigLIP-so400m NaViT encoder with an MLP "
+            "connector, the FLUX.1 VAE (16 channels, 2×2 latent patches) and a rectified-flow velocity head. Converted "
+            "with `python -m modeling_unimedvl.convert`, numerically identical to the original implementation."
+        ),
+        developers="General Medical AI (uni-medical); transformers port by the UniMedVL-HF project",
+        model_type="Unified multimodal (image-text-to-text and text/image-to-image)",
+        license="apache-2.0",
+        base_model="ByteDance-Seed/BAGEL-7B-MoT",
+        repo="https://github.com/uni-medical/UniMedVL",
+        direct_use="Research on medical visual question answering, report drafting and medical image synthesis "
+        "(text-to-image in 8 modalities, super-resolution, T2↔FLAIR translation, H&E→IHC virtual staining, "
+        "counterfactual generation).",
+        downstream_use="Fine-tuning (LoRA/QLoRA on either expert) on de-identified institutional data for research.",
+        out_of_scope_use=OUT_OF_SCOPE,
+        bias_risks_limitations=LIMITATIONS,
+        bias_recommendations=RECOMMENDATIONS,
+        get_started_code=GET_STARTED.format(repo=repo_id),
+        training_data="UniMed-5M (5.6 M+ samples; CFP, CXR, CT, histopathology, MRI, OCT, ultrasound, endoscopy), "
+        "released gated as General-Medical-AI/UniMedVL-5M. Initialised from BAGEL-7B-MoT.",
+        training_regime="Three-stage progressive curriculum, bf16: stage 1 foundation (85K steps; 75 % image→text, "
+        "25 % text→image), stage 2 instruction tuning (120K; 40 / 45 / 10 % interleaved), stage 3 unified "
+        "(70K; 37 / 35 / 25 %). Loss 0.25 · cross-entropy + 1.0 · flow-matching MSE.",
+        results=results,
+        citation_bibtex=CITATION,
+    )
+
+
+def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tiny") -> ModelCard:
+    """Card of UniMedVL-Tiny with the measured held-out results (metric → value, baseline, dataset)."""
+    results = results or {}
+    card_data = ModelCardData(
+        language="en",
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="any-to-any",
+        tags=["medical", "unimedvl", "tiny", "custom_code"],
+        datasets=["VQA-RAD", "MedPix-2.0"],
+        eval_results=[
+            EvalResult(
+                task_type="visual-question-answering", dataset_type="medical", dataset_name=entry["dataset"],
+                metric_type="accuracy", metric_name=name, metric_value=entry["value"],
+            )
+            for name, entry in results.items()
+        ] or None,
+        model_name="UniMedVL-Tiny",
+        extra_gated_prompt="Research and teaching use only. Not for clinical use.",
+    )
+    table = (
+        _table(["metric", "dataset", "UniMedVL-Tiny", "baseline"], [[k, v["dataset"], v["value"], v["baseline"]] for k, v in results.items()])
+        if results
+        else "Not evaluated yet."
+    )
+    return ModelCard.from_template(
+        card_data,
+        model_id="UniMedVL-Tiny",
+        model_summary="A small UniMedVL (same architecture, a few million parameters) trained from scratch by this "
+        "package's own 3-stage curriculum, shipped as the offline default for the quickstart, demo and examples.",
+        model_description="Same Mixture-of-Transformers architecture as UniMedVL at a tiny size, with a tokenizer "
+        "trained on the training text. It exists to make every entry point runnable offline; it is not a useful "
+        "medical model.",
+        developers="UniMedVL-HF project",
+        model_type="Unified multimodal (image-text-to-text and text/image-to-image)",
+        license="apache-2.0",
+        direct_use="Smoke tests, teaching, demos of the API.",
+        out_of_scope_use=OUT_OF_SCOPE,
+        bias_risks_limitations=LIMITATIONS,
+        bias_recommendations=RECOMMENDATIONS,
+        get_started_code=GET_STARTED.format(repo=repo_id),
+        training_data="VQA-RAD training questions (CC0) and MedPix 2.0 training images and captions (research use).",
+        results=table,
+        citation_bibtex=CITATION,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default=str(CARDS_DIR))
+    parser.add_argument("--tiny-results", help="JSON file with UniMedVL-Tiny's measured results")
+    args = parser.parse_args(argv)
+    output = pathlib.Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    results = json.loads(pathlib.Path(args.tiny_results).read_text()) if args.tiny_results else None
+    release_card().save(output / "UniMedVL-14B.md")
+    tiny_card(results).save(output / "UniMedVL-Tiny.md")
+    print(f"wrote {output / 'UniMedVL-14B.md'} and {output / 'UniMedVL-Tiny.md'}")
+
+
+if __name__ == "__main__":
+    main()
