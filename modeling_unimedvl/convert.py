@@ -132,7 +132,8 @@ def build_config(original_dir: str, ema: SafetensorsReader, dtype: torch.dtype) 
 
 def load_tokenizer(original_dir: str, config: UniMedVLConfig):
     """The release tokenizer plus the two placeholder tokens; sets the config's special-token ids from it."""
-    tokenizer = AutoTokenizer.from_pretrained(original_dir)
+    # Prompts are left-padded: the processor does so, and pipelines batch with the tokenizer's padding side.
+    tokenizer = AutoTokenizer.from_pretrained(original_dir, padding_side="left")
     missing = [token for token in EXTRA_SPECIAL_TOKENS if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id)]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)

@@ -828,7 +828,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             cond_latents, cond_grid = self.model.encode_images(
                 vae_pixel_values, sample=vae_encode == "sample", generator=generator
             )
-        height, width = self._output_size(height, width, vae_pixel_values)
+        height, width = self.output_size(height, width, vae_pixel_values)
         grid_h, grid_w = height // config.latent_downsample, width // config.latent_downsample
         num_tokens = grid_h * grid_w
         if latents is None:
@@ -863,7 +863,9 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         images = self.decode_latents(latents, grid_h, grid_w) if decode else None
         return UniMedVLImageGenerationOutput(images=images, latents=latents)
 
-    def _output_size(self, height, width, vae_pixel_values) -> tuple[int, int]:
+    def output_size(self, height: int | None, width: int | None, vae_pixel_values=None) -> tuple[int, int]:
+        """The generated image's `(height, width)`: as given, else the first input image's, else the largest size;
+        checked against the latent grid (multiples of `latent_downsample` up to `max_latent_size` latents)."""
         downsample = self.config.latent_downsample
         if height is None or width is None:
             if vae_pixel_values:

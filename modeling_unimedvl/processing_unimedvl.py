@@ -168,8 +168,9 @@ class UniMedVLProcessor(ProcessorMixin):
             answers.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return answers
 
-    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
-        return self.decode_answers(generated_outputs)
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs) -> list[str]:
+        """Decodes whole sequences `[batch, n]` (prompt included), as the `image-text-to-text` pipeline expects."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
 
     @property
     def model_input_names(self):

@@ -22,6 +22,7 @@ DATA_DIR = pathlib.Path(os.environ.get("UNIMEDVL_DATA_DIR", REPO_ROOT.parent / "
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
     parser.addoption("--run-gpu", action="store_true", help="run tests marked gpu (needs CUDA)")
+    parser.addoption("--run-browser", action="store_true", help="run tests marked browser (needs chromium + playwright)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,6 +31,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow: opt in with --run-slow"))
         if "gpu" in item.keywords and not config.getoption("--run-gpu"):
             item.add_marker(pytest.mark.skip(reason="gpu: opt in with --run-gpu on a CUDA machine"))
+        if "browser" in item.keywords and not config.getoption("--run-browser"):
+            item.add_marker(pytest.mark.skip(reason="browser: opt in with --run-browser (apt chromium, pip playwright)"))
 
 
 @pytest.fixture(scope="session")

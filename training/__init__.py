@@ -1,1 +1,50 @@
-"""placeholder"""
+"""UniMedVL training: data loaders, training sequences, `UniMedVLTrainer` (CE + flow matching, EMA, atomic
+checkpoints), freezing flags, LoRA / QLoRA presets and the three-stage curriculum (`python -m unimedvl_training.train`).
+
+Batches hold one sample per row (`[batch, length]`, right-padded): the model derives its block masks from each row's
+`input_ids` and cannot separate several samples packed into one row.
+"""
+
+import modeling_unimedvl  # noqa: F401  (registers the Auto classes)
+
+from .curriculum import build_mixture, load_stage_config, run_curriculum, run_stage
+from .data import DataReport, ImageLimits, load_jsonl_records, normalize_record, records_from_dataset, validate_records
+from .flow_matching import flow_matching_mse, noise_latents, sample_timesteps
+from .freezing import FREEZE_PATTERNS, apply_freezing, parameters_of
+from .lora import LORA_PRESETS, add_lora, adapter_model_card, load_adapter, load_quantized_model, lora_config, push_adapter_to_hub
+from .sequences import CFGDropout, SequenceBuilder, UniMedVLDataCollator, UniMedVLTrainingDataset, sequence_plan
+from .trainer import UniMedVLTrainer, UniMedVLTrainingArguments
+
+
+__all__ = [
+    "CFGDropout",
+    "DataReport",
+    "FREEZE_PATTERNS",
+    "ImageLimits",
+    "LORA_PRESETS",
+    "SequenceBuilder",
+    "UniMedVLDataCollator",
+    "UniMedVLTrainer",
+    "UniMedVLTrainingArguments",
+    "UniMedVLTrainingDataset",
+    "adapter_model_card",
+    "add_lora",
+    "apply_freezing",
+    "build_mixture",
+    "flow_matching_mse",
+    "load_adapter",
+    "load_jsonl_records",
+    "load_quantized_model",
+    "load_stage_config",
+    "lora_config",
+    "noise_latents",
+    "normalize_record",
+    "parameters_of",
+    "push_adapter_to_hub",
+    "records_from_dataset",
+    "run_curriculum",
+    "run_stage",
+    "sample_timesteps",
+    "sequence_plan",
+    "validate_records",
+]

@@ -1,0 +1,88 @@
+"""The Gradio demo's handlers end to end on the tiny model (the browser test is opt-in: --run-browser)."""
+
+import os
+import socket
+import sys
+import threading
+
+import gradio as gr
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from conftest import REPO_ROOT
+
+
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+import app as demo_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo(converted_dir):
+    return demo_app.UniMedVLDemo(converted_dir)
+
+
+def test_ask_about_a_dicom_upload(demo):
+    answer = demo.ask(get_testdata_file("CT_small.dcm"), "What modality is this?", False, 8)
+    assert isinstance(answer, str)
+    report = demo.ask(get_testdata_file("CT_small.dcm"), "", True, 8)
+    assert isinstance(report, str)
+
+
+def test_generation_tabs_return_uint8_images(demo, reference_dir):
+    image = demo.text_to_image("Axial CT of the head.", 64, 2, 4.0, 0)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    edited = demo.image_to_image(str(reference_dir / "input.png"), "Make it a FLAIR image.", 2, 2.0, 0)
+    assert edited.shape == (64, 96, 3) and edited.dtype == np.uint8
+
+
+def test_errors_are_one_line_and_hide_server_paths(demo, tmp_path):
+    with pytest.raises(gr.Error, match="Upload an image first"):
+        demo.ask(None, "What is this?", False, 8)
+    with pytest.raises(gr.Error, match="Type a question"):
+        demo.ask(get_testdata_file("CT_small.dcm"), "  ", False, 8)
+    broken = tmp_path / "scan.dcm"
+    broken.write_bytes(b"not a dicom file at all")
+    with pytest.raises(gr.Error) as error:
+        demo.ask(str(broken), "What is this?", False, 8)
+    message = str(error.value)
+    assert "scan.dcm" in message and str(tmp_path) not in message and "\n" not in message
+    with pytest.raises(gr.Error, match="Describe the image"):
+        demo.text_to_image(" ", 64, 2, 4.0, 0)
+
+
+def test_app_builds(demo):
+    assert isinstance(demo_app.build_app(demo), gr.Blocks)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.browser
+def test_browser_upload_ask_and_generate(demo):
+    """Headless Debian Chromium driven by Playwright: upload a DICOM, ask, see the answer; generate an image."""
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    app = demo_app.build_app(demo)
+    threading.Thread(
+        target=lambda: app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True), daemon=True
+    ).start()
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"), args=flags)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}", timeout=60_000)
+        page.locator("#ask-file input[type=file]").set_input_files(get_testdata_file("CT_small.dcm"))
+        page.locator("#question textarea").fill("What modality is this?")
+        page.locator("#ask-button").click()
+        page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=120_000)
+        page.get_by_role("tab", name="Text to image").click()
+        page.locator("#prompt textarea").fill("Axial CT of the head.")
+        page.locator("#generate-button").click()
+        page.locator("#generated img").wait_for(timeout=300_000)
+        browser.close()
+    app.close()
