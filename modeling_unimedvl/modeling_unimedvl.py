@@ -414,7 +414,8 @@ class UniMedVLTextModel(UniMedVLPreTrainedModel):
 
 @dataclass
 class UniMedVLModelOutputWithPast(BaseModelOutputWithPast):
-    """`gen_token_mask` `[batch, seq]` marks the latent tokens (generation expert) of `last_hidden_state`."""
+    """`gen_token_mask` `[batch, seq]` marks the latent tokens (generation expert) of `last_hidden_state`; None when all
+    tokens are understanding tokens (a text decoding step)."""
 
     gen_token_mask: torch.Tensor | None = None
 
@@ -545,13 +546,19 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
             lengths = latent_grid_hw[:, 0] * latent_grid_hw[:, 1]
             per_token = (latent_timesteps > 0).to(input_ids.device).repeat_interleave(lengths.to(input_ids.device))
             noise[input_ids == self.config.latent_token_id] = per_token
+        # A text decoding step (one new token after a cache, no image inputs) routes to the understanding expert and
+        # embeds without looking for placeholders: no device-to-host synchronisation in the decoding loop.
+        text_step = past_length > 0 and input_ids.shape[1] == 1 and pixel_values is None and latents is None
         chunk_mask = attention_mask[:, past_length:] if attention_mask is not None else None
         structure = sequence_structure(input_ids, self.config, chunk_mask, noise)
+        gen_token_mask = None if text_step else structure.gen_token_mask
         if position_ids is None:
             if past_length > 0:
                 raise ValueError("`position_ids` are required when appending to a non-empty cache.")
             position_ids = structure.position_ids
-        if inputs_embeds is None:
+        if inputs_embeds is None and text_step:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        elif inputs_embeds is None:
             inputs_embeds = self.embed_inputs(
                 input_ids, pixel_values, image_grid_hw, latents, latent_grid_hw, latent_timesteps
             )
@@ -567,7 +574,7 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
-            gen_token_mask=structure.gen_token_mask,
+            gen_token_mask=gen_token_mask,
             past_key_values=past_key_values,
             update_cache=update_cache,
             **kwargs,
@@ -575,7 +582,7 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         return UniMedVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=past_key_values if use_cache or not update_cache else None,
-            gen_token_mask=structure.gen_token_mask,
+            gen_token_mask=gen_token_mask,
         )
 
 
@@ -724,7 +731,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         )
         hidden_states = outputs.last_hidden_state
         velocity = None
-        if outputs.gen_token_mask.any():
+        if outputs.gen_token_mask is not None and outputs.gen_token_mask.any():
             velocity = self.llm2vae(hidden_states[outputs.gen_token_mask])
         kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
         logits = self.lm_head(kept)
