@@ -50,6 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-side", type=int, default=None, help="train at a smaller resolution (long side in px)")
     parser.add_argument("--qlora", action="store_true", help="4-bit NF4 base weights (bitsandbytes)")
     parser.add_argument("--use-cpu", action="store_true")
+    parser.add_argument("--pack-tokens", type=int, default=None, help="pack samples into rows of at most N tokens")
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the adapter with a model card")
     return parser.parse_args(argv)
 
@@ -97,7 +98,7 @@ def main(argv=None):
         model=model,
         args=training_args,
         train_dataset=UniMedVLTrainingDataset(records, builder),
-        data_collator=UniMedVLDataCollator(processor.tokenizer.pad_token_id or 0),
+        data_collator=UniMedVLDataCollator(processor.tokenizer.pad_token_id or 0, pack_tokens=args.pack_tokens),
     )
     trainer.train(resume_from_checkpoint=bool(trainer_checkpoints(training_args.output_dir)) or None)
     model.save_pretrained(args.output)

@@ -121,13 +121,14 @@ def build_attention_mask(
     past_length: int,
     kv_length: int,
     dtype: torch.dtype,
+    sample_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive attention mask `[batch, 1, q, kv_length]` of a chunk of `q` new tokens appended to `past_length` cached ones.
 
     Cached tokens are visible to every new token (bottom-right causal alignment); among the new tokens, text is
     causal, an image block sees itself entirely, and a noise block is invisible outside itself. `padding_mask`
     `[batch, past_length + q]` (1 = real token) hides padding; keys beyond `past_length + q` (an unused static cache
-    tail) are hidden.
+    tail) are hidden. `sample_ids` `[batch, q]` (packed training rows) confines attention to tokens of one sample.
     """
     batch, q_len = block_ids.shape
     device = block_ids.device
@@ -135,6 +136,8 @@ def build_attention_mask(
     same_block = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
     allowed = (index[:, None] >= index[None, :]) | same_block
     allowed &= ~(noise_mask[:, None, :] & ~same_block)
+    if sample_ids is not None:
+        allowed &= sample_ids[:, :, None] == sample_ids[:, None, :]
     allowed = torch.cat(
         [
             torch.ones(batch, q_len, past_length, dtype=torch.bool, device=device),
@@ -524,6 +527,7 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         latent_grid_hw: torch.Tensor | None = None,
         latent_timesteps: torch.Tensor | None = None,
         vae_pixel_values: list[torch.Tensor] | None = None,
+        sample_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         update_cache: bool = True,
         **kwargs,
@@ -536,7 +540,11 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         (`latents` `[num_tokens, 64]`, `latent_grid_hw`, `latent_timesteps`; a timestep > 0 makes a noise block).
         `attention_mask` `[batch, past + seq]` marks real tokens. `update_cache=False` attends to the cache without
         writing the chunk into it (denoising steps). `position_ids` are required after a non-empty cache.
+        `sample_ids` `[batch, seq]` mark the samples packed into one row (training without a cache): attention stays
+        inside a sample; pass each sample's own `position_ids`.
         """
+        if sample_ids is not None and past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError("`sample_ids` (packed samples) cannot be combined with a non-empty cache.")
         if vae_pixel_values is not None and latents is None and (input_ids == self.config.latent_token_id).any():
             latents, latent_grid_hw = self.encode_images(vae_pixel_values)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -568,7 +576,7 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         if not update_cache:
             kv_length = past_length + input_ids.shape[1]
         mask = build_attention_mask(
-            structure.block_ids, structure.noise_mask, attention_mask, past_length, kv_length, inputs_embeds.dtype
+            structure.block_ids, structure.noise_mask, attention_mask, past_length, kv_length, inputs_embeds.dtype, sample_ids
         )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -708,6 +716,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         latent_grid_hw: torch.Tensor | None = None,
         latent_timesteps: torch.Tensor | None = None,
         vae_pixel_values: list[torch.Tensor] | None = None,
+        sample_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
@@ -726,6 +735,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             latent_grid_hw=latent_grid_hw,
             latent_timesteps=latent_timesteps,
             vae_pixel_values=vae_pixel_values,
+            sample_ids=sample_ids,
             use_cache=use_cache,
             **kwargs,
         )

@@ -245,3 +245,33 @@ def test_tiny_curriculum_on_real_data(data_dir, reference_dir, tmp_path):
     assert curves[0]["data"]["understanding"]["kept"] == 3064 and curves[1]["data"]["interleaved"]["kept"] == 16
     assert all(c["tokens_per_second_median"] > 0 for c in curves)
     assert curves[0]["ce"]["points"][-1][1] < curves[0]["ce"]["points"][0][1]  # logged at steps 10 and 20
+
+
+def test_packed_rows_give_the_loss_and_logits_of_one_sample_per_row(converted_dir, processor, records, tmp_path):
+    model = _model(converted_dir).eval()
+    samples = [SequenceBuilder(processor)(row) for row in records]
+    lengths = [len(sample["input_ids"]) for sample in samples]
+    padded = UniMedVLDataCollator(0)(samples)
+    packed = UniMedVLDataCollator(0, pack_tokens=sum(lengths))(samples)
+    two_rows = UniMedVLDataCollator(0, pack_tokens=lengths[0] + lengths[1])(samples)
+    assert packed["input_ids"].shape == (1, sum(lengths)) and two_rows["input_ids"].shape[0] == 3
+    assert packed["sample_ids"][0].tolist() == [i for i, n in enumerate(lengths) for _ in range(n)]
+    trainer = UniMedVLTrainer(model=model, args=_args(tmp_path))
+    results = []
+    for batch in (padded, packed, two_rows):
+        torch.manual_seed(5)
+        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+        real = batch["attention_mask"].bool()
+        results.append((loss, outputs.ce_loss, outputs.mse_loss, outputs.logits[real], outputs.velocity))
+    for other in results[1:]:
+        for expected, got in zip(results[0], other):
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    torch.manual_seed(5)
+    unmasked = {key: value for key, value in packed.items() if key != "sample_ids"}
+    _, outputs = trainer.compute_loss(model, unmasked, return_outputs=True)
+    assert not torch.allclose(outputs.logits[packed["attention_mask"].bool()], results[0][3], atol=1e-3)  # sample_ids matter
+
+
+def test_packing_rejects_a_bad_budget():
+    with pytest.raises(ValueError, match="pack_tokens must be a positive number of tokens, got 0"):
+        UniMedVLDataCollator(0, pack_tokens=0)

@@ -1,8 +1,8 @@
 """UniMedVL training: data loaders, training sequences, `UniMedVLTrainer` (CE + flow matching, EMA, atomic
 checkpoints), freezing flags, LoRA / QLoRA presets and the three-stage curriculum (`python -m unimedvl_training.train`).
 
-Batches hold one sample per row (`[batch, length]`, right-padded): the model derives its block masks from each row's
-`input_ids` and cannot separate several samples packed into one row.
+Batches hold one sample per row (`[batch, length]`, right-padded) or several samples packed into token-budgeted rows
+(`UniMedVLDataCollator(pack_tokens=N)`, whose `sample_ids` keep attention inside each sample).
 """
 
 import modeling_unimedvl  # noqa: F401  (registers the Auto classes)

@@ -1,7 +1,8 @@
 """UniMedVL's three-stage curriculum: stage configs, data mixtures and one `run_stage` built on `UniMedVLTrainer`.
 
 A stage config (`configs/stage{1,2,3}.yaml`) holds the data-group mixture (`understanding`, `text_to_image`,
-`interleaved`), the freezing flags, CFG dropout, `max_tokens_per_sample` and the `training` arguments
+`interleaved`), the freezing flags, CFG dropout, `max_tokens_per_sample`, `pack_tokens` (tokens per packed row; null
+= one sample per row) and the `training` arguments
 (`UniMedVLTrainingArguments` fields). A user config adds the data sources and overrides:
 
 ```yaml
@@ -195,7 +196,7 @@ def run_stage(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=UniMedVLDataCollator(processor.tokenizer.pad_token_id or 0),
+        data_collator=UniMedVLDataCollator(processor.tokenizer.pad_token_id or 0, pack_tokens=config.get("pack_tokens")),
         callbacks=callbacks,
     )
     checkpoint = get_last_checkpoint(output_dir) if resume and os.path.isdir(output_dir) else None

@@ -7,8 +7,8 @@ does not advance the RoPE position (the model derives this from `input_ids` and 
 follow it, the builder appends a clean copy (clean VAE block + ViT block) that they can see, as the original's
 interleaved format does.
 
-Batches are padded `[batch, length]` rows with one sample per row: the model derives its block masks from each row of
-`input_ids` and has no way to separate several samples packed into one row (see the training README of this package).
+Batches are right-padded `[rows, length]`: one sample per row, or several samples packed into token-budgeted rows
+(`UniMedVLDataCollator(pack_tokens=N)`), whose `sample_ids` keep attention inside each sample.
 """
 
 import logging
@@ -236,30 +236,57 @@ class UniMedVLTrainingDataset(torch.utils.data.Dataset):
 
 
 class UniMedVLDataCollator:
-    """Pads built samples on the right into `[batch, length]` rows (one sample per row).
+    """Collates built samples into right-padded `[rows, length]` batches: one sample per row, or packed.
 
-    Returns `input_ids`, `attention_mask`, `position_ids`, `labels` `[batch, length]`; `pixel_values` and
-    `image_grid_hw` of all ViT images (row-major order); `vae_pixel_values` (list of `[3, H, W]`) and `latent_noised`
-    `[num_vae_images]` (bool) in the order of the latent blocks in `input_ids`.
+    With `pack_tokens`, consecutive samples share a row as long as it holds at most `pack_tokens` tokens (a longer
+    sample gets a row of its own); `sample_ids` `[rows, length]` (-1 on padding) then confine attention to each sample
+    and every sample keeps its own `position_ids`. Returns `input_ids`, `attention_mask`, `position_ids`, `labels`
+    `[rows, length]`; `pixel_values` and `image_grid_hw` of all ViT images; `vae_pixel_values` (list of `[3, H, W]`)
+    and `latent_noised` `[num_vae_images]` (bool) in the order of the image blocks in `input_ids` (row-major).
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, pack_tokens: int | None = None):
+        if pack_tokens is not None and pack_tokens <= 0:
+            raise ValueError(f"pack_tokens must be a positive number of tokens, got {pack_tokens}.")
         self.pad_token_id = pad_token_id
+        self.pack_tokens = pack_tokens
+
+    def rows(self, samples: list[dict]) -> list[list[dict]]:
+        """Samples grouped into rows, in order."""
+        if self.pack_tokens is None:
+            return [[sample] for sample in samples]
+        rows, used = [], 0
+        for sample in samples:
+            if rows and used + len(sample["input_ids"]) <= self.pack_tokens:
+                rows[-1].append(sample)
+                used += len(sample["input_ids"])
+            else:
+                rows.append([sample])
+                used = len(sample["input_ids"])
+        return rows
 
     def __call__(self, samples: list[dict]) -> dict:
-        length = max(len(sample["input_ids"]) for sample in samples)
-        batch = len(samples)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, length), -100, dtype=torch.long)
-        position_ids = torch.zeros((batch, length), dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            n = len(sample["input_ids"])
-            input_ids[row, :n] = torch.tensor(sample["input_ids"])
-            labels[row, :n] = torch.tensor(sample["labels"])
-            position_ids[row, :n] = torch.tensor(sample["position_ids"])
-            attention_mask[row, :n] = 1
+        rows = self.rows(samples)
+        length = max(sum(len(sample["input_ids"]) for sample in row) for row in rows)
+        shape = (len(rows), length)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, -100, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        attention_mask = torch.zeros(shape, dtype=torch.long)
+        sample_ids = torch.full(shape, -1, dtype=torch.long)
+        for row_index, row in enumerate(rows):
+            start = 0
+            for sample_index, sample in enumerate(row):
+                end = start + len(sample["input_ids"])
+                input_ids[row_index, start:end] = torch.tensor(sample["input_ids"])
+                labels[row_index, start:end] = torch.tensor(sample["labels"])
+                position_ids[row_index, start:end] = torch.tensor(sample["position_ids"])
+                attention_mask[row_index, start:end] = 1
+                sample_ids[row_index, start:end] = sample_index
+                start = end
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
+        if self.pack_tokens is not None:
+            out["sample_ids"] = sample_ids
         patches = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         if patches:
             out["pixel_values"] = torch.cat(patches)
