@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor  # noqa: E402
+from unimedvl_pipelines.cli import REPORT_PROMPT  # noqa: E402
 from unimedvl_pipelines.medical_images import ImageLoadError, load_medical_image  # noqa: E402
 
 
@@ -28,10 +29,6 @@ from quickstart import resolve_model  # noqa: E402
 
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_IMAGE_PIXELS = 40_000_000
-REPORT_PROMPT = (
-    "Please analyze this image using professional medical knowledge and provide a detailed radiological report "
-    "with findings and an impression."
-)
 DISCLAIMER = "Research demo. Not a medical device: never use its answers or images for diagnosis or treatment."
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
+from unimedvl_pipelines import load_medical_image
+
 from conftest import REPO_ROOT
 
 
@@ -22,11 +24,17 @@ def demo(converted_dir):
     return demo_app.UniMedVLDemo(converted_dir)
 
 
+def _direct_answer(demo, prompt, max_new_tokens):
+    inputs = demo.processor(images=load_medical_image(get_testdata_file("CT_small.dcm")), text=prompt)
+    ids = demo.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return demo.processor.decode_answers(ids[:, inputs["input_ids"].shape[1] :])[0]
+
+
 def test_ask_about_a_dicom_upload(demo):
     answer = demo.ask(get_testdata_file("CT_small.dcm"), "What modality is this?", False, 8)
-    assert isinstance(answer, str)
+    assert answer == _direct_answer(demo, "What modality is this?", 8)
     report = demo.ask(get_testdata_file("CT_small.dcm"), "", True, 8)
-    assert isinstance(report, str)
+    assert report == _direct_answer(demo, demo_app.REPORT_PROMPT, 8)
 
 
 def test_generation_tabs_return_uint8_images(demo, reference_dir):
@@ -80,6 +88,7 @@ def test_browser_upload_ask_and_generate(demo):
         page.locator("#question textarea").fill("What modality is this?")
         page.locator("#ask-button").click()
         page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=120_000)
+        assert page.locator("#answer textarea").input_value() == _direct_answer(demo, "What modality is this?", 64)
         page.get_by_role("tab", name="Text to image").click()
         page.locator("#prompt textarea").fill("Axial CT of the head.")
         page.locator("#generate-button").click()
