@@ -418,9 +418,11 @@ class UniMedVLTextModel(UniMedVLPreTrainedModel):
 @dataclass
 class UniMedVLModelOutputWithPast(BaseModelOutputWithPast):
     """`gen_token_mask` `[batch, seq]` marks the latent tokens (generation expert) of `last_hidden_state`; None when all
-    tokens are understanding tokens (a text decoding step)."""
+    tokens are understanding tokens (a text decoding step); `clean_latents` `[num_latent_tokens, 64]`: the VAE latents
+    before noising, when the forward noised them (`latent_noise`)."""
 
     gen_token_mask: torch.Tensor | None = None
+    clean_latents: torch.Tensor | None = None
 
 
 class UniMedVLModel(UniMedVLPreTrainedModel):
@@ -527,6 +529,8 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         latent_grid_hw: torch.Tensor | None = None,
         latent_timesteps: torch.Tensor | None = None,
         vae_pixel_values: list[torch.Tensor] | None = None,
+        latent_noise: torch.Tensor | None = None,
+        vae_sample: bool = False,
         sample_ids: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         update_cache: bool = True,
@@ -542,11 +546,24 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         writing the chunk into it (denoising steps). `position_ids` are required after a non-empty cache.
         `sample_ids` `[batch, seq]` mark the samples packed into one row (training without a cache): attention stays
         inside a sample; pass each sample's own `position_ids`.
+
+        Training passes `vae_pixel_values` with `latent_timesteps` `[num_images]` and `latent_noise` `[num_tokens, 64]`:
+        the images are encoded here (posterior sample with `vae_sample=True`, else its mean) and noised to
+        `(1 − t)·x_0 + t·ε`, so that sharded VAE weights (FSDP, ZeRO-3) are only used inside the forward; the clean
+        latents come back as `clean_latents` for the flow-matching target `ε − x_0`.
         """
         if sample_ids is not None and past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise ValueError("`sample_ids` (packed samples) cannot be combined with a non-empty cache.")
+        clean_latents = None
         if vae_pixel_values is not None and latents is None and (input_ids == self.config.latent_token_id).any():
-            latents, latent_grid_hw = self.encode_images(vae_pixel_values)
+            latents, latent_grid_hw = self.encode_images(vae_pixel_values, sample=vae_sample)
+            if latent_noise is not None:
+                if latent_timesteps is None:
+                    raise ValueError("`latent_noise` needs the per-image `latent_timesteps` to noise the latents to.")
+                if latent_noise.shape != latents.shape:
+                    raise ValueError(f"`latent_noise` has shape {tuple(latent_noise.shape)}, the latents {tuple(latents.shape)}.")
+                clean_latents = latents
+                latents = noise_latents(clean_latents, latent_noise, latent_timesteps, latent_grid_hw.prod(-1))
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         noise = None
         if latent_timesteps is not None and (latent_timesteps > 0).any():
@@ -591,6 +608,7 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
             last_hidden_state=outputs.last_hidden_state,
             past_key_values=past_key_values if use_cache or not update_cache else None,
             gen_token_mask=gen_token_mask,
+            clean_latents=clean_latents,
         )
 
 
@@ -600,6 +618,13 @@ def _check_placeholder_count(kind: str, placeholders: int, features: int) -> Non
             f"input_ids hold {placeholders} {kind} placeholder tokens but the {kind} inputs give {features} tokens; "
             "build the inputs with UniMedVLProcessor so that both agree."
         )
+
+
+def noise_latents(clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Rectified-flow interpolation `x_t = (1 − t)·x_0 + t·ε` of packed latent tokens `[num_tokens, 64]` of images with
+    `lengths` `[num_images]` tokens each and per-image `timesteps` `[num_images]` (t = 0 keeps a clean image)."""
+    t = timesteps.to(clean.device, clean.dtype).repeat_interleave(lengths.to(clean.device))[:, None]
+    return (1 - t) * clean + t * noise.to(clean.device, clean.dtype)
 
 
 def patchify_latents(latent: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -659,11 +684,13 @@ def _renorm_factor(reference: torch.Tensor, guided: torch.Tensor, dims: tuple[in
 
 @dataclass
 class UniMedVLCausalLMOutputWithPast(ModelOutput):
-    """`logits` `[batch, seq, vocab]`; `velocity` `[num_latent_tokens, 64]`: the flow prediction at every latent token."""
+    """`logits` `[batch, seq, vocab]`; `velocity` `[num_latent_tokens, 64]`: the flow prediction at every latent token;
+    `clean_latents` `[num_latent_tokens, 64]`: the latents before noising (training with `latent_noise`)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     velocity: torch.Tensor | None = None
+    clean_latents: torch.Tensor | None = None
     past_key_values: Cache | None = None
     hidden_states: torch.Tensor | None = None
 
@@ -716,6 +743,8 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         latent_grid_hw: torch.Tensor | None = None,
         latent_timesteps: torch.Tensor | None = None,
         vae_pixel_values: list[torch.Tensor] | None = None,
+        latent_noise: torch.Tensor | None = None,
+        vae_sample: bool = False,
         sample_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -735,6 +764,8 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             latent_grid_hw=latent_grid_hw,
             latent_timesteps=latent_timesteps,
             vae_pixel_values=vae_pixel_values,
+            latent_noise=latent_noise,
+            vae_sample=vae_sample,
             sample_ids=sample_ids,
             use_cache=use_cache,
             **kwargs,
@@ -752,6 +783,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             loss=loss,
             logits=logits,
             velocity=velocity,
+            clean_latents=outputs.clean_latents,
             past_key_values=outputs.past_key_values,
             hidden_states=hidden_states,
         )
@@ -999,4 +1031,5 @@ __all__ = [
     "unpatchify_latents",
     "sequence_structure",
     "build_attention_mask",
+    "noise_latents",
 ]

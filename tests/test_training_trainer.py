@@ -73,11 +73,12 @@ def test_loss_matches_a_hand_computation(converted_dir, processor, records, tmp_
     torch.manual_seed(123)
     loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
 
-    torch.manual_seed(123)
-    clean, grids = model.model.encode_images(batch["vae_pixel_values"], sample=True)
-    raw = torch.sigmoid(torch.randn(len(grids)))
+    torch.manual_seed(123)  # the trainer draws timesteps and noise, then the forward samples the VAE posterior
+    raw = torch.sigmoid(torch.randn(len(batch["vae_pixel_values"])))
     t = torch.where(batch["latent_noised"], 3.0 * raw / (1 + 2.0 * raw), torch.zeros(()))
-    noise = torch.randn_like(clean)
+    tokens = sum((image.shape[-2] // 16) * (image.shape[-1] // 16) for image in batch["vae_pixel_values"])
+    noise = torch.randn(tokens, 64)
+    clean, grids = model.model.encode_images(batch["vae_pixel_values"], sample=True)
     lengths = (grids[:, 0] * grids[:, 1]).tolist()
     noisy, start = clean.clone(), 0
     for image, count in enumerate(lengths):
@@ -275,3 +276,23 @@ def test_packed_rows_give_the_loss_and_logits_of_one_sample_per_row(converted_di
 def test_packing_rejects_a_bad_budget():
     with pytest.raises(ValueError, match="pack_tokens must be a positive number of tokens, got 0"):
         UniMedVLDataCollator(0, pack_tokens=0)
+
+
+def test_the_forward_encodes_and_noises_training_images(converted_dir, processor, records):
+    from modeling_unimedvl.modeling_unimedvl import noise_latents
+
+    model = _model(converted_dir).eval()
+    batch = UniMedVLDataCollator(0)([SequenceBuilder(processor)(row) for row in records])
+    inputs = {k: v for k, v in batch.items() if k not in ("vae_pixel_values", "latent_noised", "labels")}
+    clean, grids = model.model.encode_images(batch["vae_pixel_values"])
+    t = torch.where(batch["latent_noised"], torch.tensor(0.7), torch.zeros(()))
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inside = model(**inputs, vae_pixel_values=batch["vae_pixel_values"], latent_timesteps=t, latent_noise=noise)
+        outside = model(**inputs, latents=noise_latents(clean, noise, t, grids.prod(-1)), latent_grid_hw=grids, latent_timesteps=t)
+        torch.testing.assert_close(inside.clean_latents, clean)
+        torch.testing.assert_close(inside.velocity, outside.velocity)
+        with pytest.raises(ValueError, match="`latent_noise` needs the per-image `latent_timesteps`"):
+            model(**inputs, vae_pixel_values=batch["vae_pixel_values"], latent_noise=noise)
+        with pytest.raises(ValueError, match=r"`latent_noise` has shape \(3, 64\), the latents"):
+            model(**inputs, vae_pixel_values=batch["vae_pixel_values"], latent_timesteps=t, latent_noise=noise[:3])

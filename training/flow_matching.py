@@ -1,6 +1,11 @@
-"""Rectified-flow training objective of UniMedVL (BAGEL): logit-normal timesteps with shift, noising, velocity MSE."""
+"""Rectified-flow training objective of UniMedVL (BAGEL): logit-normal timesteps with shift, velocity MSE.
+
+The noising `x_t = (1 − t)·x_0 + t·ε` is `modeling_unimedvl.modeling_unimedvl.noise_latents` (re-exported here), which
+the model applies inside its forward.
+"""
 
 import torch
+from modeling_unimedvl.modeling_unimedvl import noise_latents  # the model noises its latents in its forward
 
 
 def sample_timesteps(num_images: int, shift: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -12,15 +17,6 @@ def sample_timesteps(num_images: int, shift: float = 1.0, generator: torch.Gener
     t = torch.sigmoid(torch.randn(num_images, generator=generator))
     t = shift * t / (1 + (shift - 1) * t)
     return t.clamp(min=1e-6)
-
-
-def noise_latents(
-    clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, lengths: torch.Tensor
-) -> torch.Tensor:
-    """`x_t = (1 − t)·x_0 + t·ε` for packed latent tokens `[num_tokens, 64]` of images with `lengths` tokens each and
-    per-image `timesteps` `[num_images]` (t = 0 leaves clean conditioning images unchanged)."""
-    t = timesteps.to(clean.device, clean.dtype).repeat_interleave(lengths.to(clean.device))[:, None]
-    return (1 - t) * clean + t * noise
 
 
 def flow_matching_mse(velocity: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from .flow_matching import flow_matching_mse, noise_latents, sample_timesteps
+from .flow_matching import flow_matching_mse, sample_timesteps
 
 
 EMA_WEIGHTS_NAME = "ema.safetensors"
@@ -84,27 +84,26 @@ class UniMedVLTrainer(Trainer):
         vae_pixel_values = inputs.pop("vae_pixel_values", None)
         latent_noised = inputs.pop("latent_noised", None)
         labels = inputs.pop("labels")
-        latent_inputs, mse_inputs = {}, None
+        latent_inputs, token_noised = {}, None
         if vae_pixel_values:
-            core = unimedvl_module(self.accelerator.unwrap_model(model)).model
-            vae_trainable = any(p.requires_grad for p in core.vae.parameters())
-            with torch.set_grad_enabled(vae_trainable and model.training):
-                clean, grids = core.encode_images(vae_pixel_values, sample=self.args.vae_sample)
-            lengths = grids[:, 0] * grids[:, 1]
-            timesteps = sample_timesteps(len(latent_noised), self.args.timestep_shift).to(clean.device)
-            timesteps = torch.where(latent_noised.to(clean.device), timesteps, torch.zeros_like(timesteps))
-            noise = torch.randn_like(clean)
+            config = unimedvl_module(self.accelerator.unwrap_model(model)).config
+            downsample = config.latent_downsample
+            lengths = torch.tensor([(image.shape[-2] // downsample) * (image.shape[-1] // downsample) for image in vae_pixel_values])
+            timesteps = sample_timesteps(len(latent_noised), self.args.timestep_shift)
+            timesteps = torch.where(latent_noised, timesteps, torch.zeros_like(timesteps))
             latent_inputs = {
-                "latents": noise_latents(clean, noise, timesteps, lengths),
-                "latent_grid_hw": grids,
+                "vae_pixel_values": vae_pixel_values,
                 "latent_timesteps": timesteps,
+                "latent_noise": torch.randn(int(lengths.sum()), config.patch_latent_dim),
+                "vae_sample": self.args.vae_sample,
             }
-            mse_inputs = (noise - clean, latent_noised.to(clean.device).repeat_interleave(lengths.to(clean.device)))
+            token_noised = latent_noised.repeat_interleave(lengths)
         has_ce = bool((labels[:, 1:] != -100).any())
         outputs = model(**inputs, **latent_inputs, labels=labels if has_ce else None)
         ce = outputs.loss if has_ce else outputs.logits.sum() * 0.0
-        if mse_inputs is not None and outputs.velocity is not None:
-            mse = flow_matching_mse(outputs.velocity, *mse_inputs)
+        if token_noised is not None and outputs.velocity is not None:
+            target = latent_inputs["latent_noise"].to(outputs.clean_latents.device) - outputs.clean_latents
+            mse = flow_matching_mse(outputs.velocity, target, token_noised.to(target.device))
         else:
             mse = torch.zeros((), device=ce.device)
         loss = self.args.ce_weight * ce + self.args.mse_weight * mse
