@@ -1,0 +1,52 @@
+"""Markdown / JSON summaries of evaluation runs, ready to paste into a model card."""
+
+import json
+import math
+import os
+
+METRICS_NAME = "metrics.json"
+SUMMARY_NAME = "summary.md"
+
+
+def format_value(value, scale: float = 1.0, digits: int = 2) -> str:
+    """A number for a table (`scale` = 100 for percentages); None -> "n/a", infinity -> "inf"."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, int) and scale == 1.0:
+        return str(value)
+    return f"{value * scale:.{digits}f}"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def input_section(data_report: dict) -> str:
+    """The data-quality lines: rows read / kept / skipped with reasons and the first problems."""
+    lines = [
+        f"Rows read: {data_report['rows_read']}, kept: {data_report['rows_kept']}, "
+        f"skipped: {data_report['rows_skipped']}."
+    ]
+    for reason, count in data_report["skipped_by_reason"].items():
+        lines.append(f"- skipped `{reason}`: {count}")
+    if data_report["examples"]:
+        lines.append("- first problems: " + "; ".join(data_report["examples"][:5]))
+    return "\n".join(lines)
+
+
+def write_summary(output_dir: str, result: dict, markdown: str) -> dict:
+    """Writes `metrics.json` (the full result) and `summary.md`; returns the paths written."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {"metrics": os.path.join(output_dir, METRICS_NAME), "summary": os.path.join(output_dir, SUMMARY_NAME)}
+    with open(paths["metrics"], "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2, sort_keys=True)
+    with open(paths["summary"], "w", encoding="utf-8") as handle:
+        handle.write(markdown.rstrip() + "\n")
+    return paths
+
+
+__all__ = ["METRICS_NAME", "SUMMARY_NAME", "format_value", "markdown_table", "input_section", "write_summary"]
