@@ -3,7 +3,7 @@
     python examples/app.py [--model PATH] [--host 127.0.0.1] [--port 7860]
 
 Space-ready: `examples/README.md` holds the Space front matter and `examples/requirements.txt` its requirements. The
-model is `--model`, else UNIMEDVL_MODEL, else the package's offline default (see `examples/quickstart.py`). Uploads are
+model is `--model`, else UNIMEDVL_MODEL, else the package's shipped default, UniMedVL-Tiny. Uploads are
 limited in size and pixels; errors are shown as one line without any server path.
 """
 
@@ -39,6 +39,9 @@ class UniMedVLDemo:
         self.model = UniMedVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.processor = UniMedVLProcessor.from_pretrained(model_dir)
         self.processor.image_processor.max_image_pixels = MAX_IMAGE_PIXELS
+        config = self.model.config
+        self.size_step = config.latent_downsample
+        self.max_size = config.max_latent_size * config.latent_downsample  # 64 px for UniMedVL-Tiny, 1024 for the 14B
 
     @staticmethod
     def load_upload(path: str | None):
@@ -74,10 +77,13 @@ class UniMedVLDemo:
         if not (prompt or "").strip():
             raise gr.Error("Describe the image to generate.")
         inputs = self.processor(text=prompt, generation_mode="image")
-        result = self.model.generate(
-            **inputs, generation_mode="image", height=int(size), width=int(size), num_inference_steps=int(steps),
-            cfg_text_scale=float(guidance), cfg_img_scale=1.0, generator=torch.Generator().manual_seed(int(seed)),
-        )
+        try:
+            result = self.model.generate(
+                **inputs, generation_mode="image", height=int(size), width=int(size), num_inference_steps=int(steps),
+                cfg_text_scale=float(guidance), cfg_img_scale=1.0, generator=torch.Generator().manual_seed(int(seed)),
+            )
+        except ValueError as error:  # e.g. a size the model cannot generate
+            raise gr.Error(str(error)) from None
         return self.to_numpy(result.images)
 
     def image_to_image(self, path: str | None, instruction: str, steps: int, image_guidance: float, seed: int) -> np.ndarray:
@@ -106,7 +112,9 @@ def build_app(demo: UniMedVLDemo) -> gr.Blocks:
             gr.Button("Ask", elem_id="ask-button").click(demo.ask, [ask_file, question, report, max_tokens], answer)
         with gr.Tab("Text to image"):
             prompt = gr.Textbox(label="Prompt", elem_id="prompt")
-            size = gr.Slider(64, 1024, value=256, step=16, label="Size (px)")
+            size = gr.Slider(
+                demo.size_step, demo.max_size, value=min(256, demo.max_size), step=demo.size_step, label="Size (px)"
+            )
             steps = gr.Slider(2, 100, value=30, step=1, label="Steps")
             guidance = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="Text guidance")
             seed = gr.Number(value=0, precision=0, label="Seed")
@@ -127,12 +135,11 @@ def build_app(demo: UniMedVLDemo) -> gr.Blocks:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=os.environ.get("UNIMEDVL_MODEL"))
+    parser.add_argument("--model", help="converted UniMedVL folder or Hub id (default: UNIMEDVL_MODEL, else UniMedVL-Tiny)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--cache-dir", default="outputs/demo")
     args = parser.parse_args(argv)
-    model_dir = resolve_model(args.model, pathlib.Path(args.cache_dir))
+    model_dir = resolve_model(args.model)
     app = build_app(UniMedVLDemo(model_dir))
     app.queue(max_size=16).launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, show_error=True)
 

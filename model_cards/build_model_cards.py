@@ -47,6 +47,22 @@ print(processor.decode_answers(ids[:, inputs["input_ids"].shape[1]:])[0])
 inputs = processor(text="Axial brain MRI, T2-weighted.", generation_mode="image")
 image = model.generate(**inputs, generation_mode="image", height=512, width=512).images  # [1, 3, H, W] in [-1, 1]
 ```"""
+TINY_GET_STARTED = """```python
+import torch
+from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor, default_model_path
+from unimedvl_pipelines import load_medical_image
+
+path = default_model_path()  # shipped inside the package; or the Hub id "{repo}" with trust_remote_code=True
+model = UniMedVLForConditionalGeneration.from_pretrained(path).eval()
+processor = UniMedVLProcessor.from_pretrained(path)
+inputs = processor(images=load_medical_image("scan.dcm", window="soft_tissue"), text="What modality is this image?")
+ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+print(processor.decode_answers(ids[:, inputs["input_ids"].shape[1]:])[0])  # e.g. "CT"
+
+inputs = processor(text="MR, sagittal, head", generation_mode="image")  # modality, plane, region
+image = model.generate(**inputs, generation_mode="image", num_inference_steps=25, cfg_text_scale=3.0,
+                       cfg_interval=(0.0, 1.0), timestep_shift=1.0).images  # [1, 3, 64, 64] in [-1, 1]
+```"""
 CITATION = """@misc{unimedvl,
   title        = {UniMedVL: Unifying Medical Multimodal Understanding and Generation},
   author       = {{General Medical AI (uni-medical)}},
@@ -140,8 +156,58 @@ def release_card(repo_id: str = "General-Medical-AI/UniMedVL") -> ModelCard:
     )
 
 
-def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tiny") -> ModelCard:
-    """Card of UniMedVL-Tiny with the measured held-out results (metric → value, baseline, dataset)."""
+TINY_RECIPE = (
+    "Built from scratch on the CPU by one reproducible command (each step resumes if interrupted):\n\n"
+    "```bash\n{command}\n```\n\n"
+    "Seed {seed}; machine: {machine}; torch threads {threads}. Steps and wall times: "
+    "tokenizer {tokenizer_s} s, VAE (stage 0) {vae_s} s, curriculum stage 1 {stage1_s} s, stage 2 {stage2_s} s, "
+    "stage 3 {stage3_s} s.\n\n"
+    "- **Tokenizer**: byte-level BPE trained with `tokenizers` on the training text only (VQA-RAD train questions and "
+    "answers, MedPix 2.0 train captions, labels and case text, the prompt templates); {vocab} tokens, Qwen2 "
+    "pre-tokenizer, the UniMedVL special tokens at ids 0–6.\n"
+    "- **VAE (stage 0)**: the FLUX autoencoder layout (4 levels = 8× downsampling, 16 latent channels, same diffusers "
+    "block types, one res block, widths {vae_channels}) trained on MedPix train + VQA-RAD images at 64 px "
+    "(L1 + MSE + 1e-4 KL, {vae_steps} steps on 32-px crops, then {decoder_steps} decoder-only steps on whole images "
+    "with the encoder frozen); `scaling_factor` {scale:.4f} / `shift_factor` {shift:.4f} from its "
+    "latent statistics. MedPix dev reconstruction PSNR {vae_psnr} dB.\n"
+    "- **Model**: Qwen2 experts hidden 128, 4 layers, 4 heads (2 KV), MLP 512; SigLIP NaViT hidden 96, 3 layers, "
+    "patch 14, images ≤ 112 px; generation at 64 px (4×4 latent tokens); {params} parameters, float32 "
+    "({megabytes} MB of safetensors).\n"
+    "- **Curriculum**: the package's stages 1, 2, 3 (`unimedvl_training.curriculum.run_curriculum`, shipped "
+    "mixtures and loss weights) with LR 1e-3 (constant, cosine in stage 3), batch 16, {steps} steps; ViT trained "
+    "(it starts random), VAE frozen. Understanding: VQA-RAD train + MedPix train modality / region / plane questions; "
+    "text-to-image: MedPix train images from label prompts (\"CT, axial, head\") and captions; image-to-image: 2× "
+    "super-resolution of MedPix train images. Loss (first → last 10 logged steps): {curves}."
+)
+
+
+def tiny_recipe(build: dict) -> str:
+    """The training-recipe paragraph of the Tiny card from the build script's `build_summary.json`."""
+    timings, vae = build["timings_s"], build["vae"]
+    curves = "; ".join(
+        f"{stage['stage']} CE {stage['ce']['first10_mean']} → {stage['ce']['last10_mean']}, "
+        f"MSE {stage['mse']['first10_mean']} → {stage['mse']['last10_mean']}"
+        for stage in build["stages"]
+    )
+    return TINY_RECIPE.format(
+        command=build["command"], seed=build["seed"], machine=build.get("machine", "2-core CPU dev box"),
+        threads=build.get("torch_threads", "?"), vocab=build.get("vocab_size", "?"),
+        vae_channels=tuple(vae["block_out_channels"]), vae_steps=vae["steps"], decoder_steps=(vae.get("decoder_finetune") or {}).get("steps", 0), scale=vae["scaling_factor"],
+        shift=vae["shift_factor"], vae_psnr=vae["dev_psnr"], params=f"{build.get('parameters', 0):,}",
+        megabytes=build.get("megabytes", "?"), steps=" / ".join(str(s) for s in build.get("stage_steps", [])),
+        curves=curves, vae_s=vae.get("wall_s", timings.get("vae_s", "?")),
+        **{k: timings.get(k, "?") for k in ("tokenizer_s", "stage1_s", "stage2_s", "stage3_s")},
+    )
+
+
+def _metric_type(name: str) -> str:
+    lowered = name.lower()
+    return "psnr" if "psnr" in lowered else "ssim" if "ssim" in lowered else "recall" if "recall" in lowered else "accuracy"
+
+
+def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tiny", build: dict | None = None) -> ModelCard:
+    """Card of UniMedVL-Tiny with the measured held-out results (metric → value, baseline, dataset) and, given the
+    build script's summary (`build`), its training recipe."""
     results = results or {}
     card_data = ModelCardData(
         language="en",
@@ -153,7 +219,7 @@ def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tin
         eval_results=[
             EvalResult(
                 task_type="visual-question-answering", dataset_type="medical", dataset_name=entry["dataset"],
-                metric_type="accuracy", metric_name=name, metric_value=entry["value"],
+                metric_type=_metric_type(name), metric_name=name, metric_value=entry["value"],
             )
             for name, entry in results.items()
         ] or None,
@@ -165,6 +231,14 @@ def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tin
         if results
         else "Not evaluated yet."
     )
+    if results:
+        table = (
+            "Held-out data only (VQA-RAD test, MedPix 2.0 dev), measured with "
+            "`python -m unimedvl_training.evaluate_unimedvl_tiny` (the package's evaluation harness). Baselines: the "
+            "training split's majority answer / class; for generated images, the majority class of the prompts "
+            "(a label classifier trained on MedPix train judges the images); for super-resolution, the bicubic input.\n\n"
+            + table
+        )
     return ModelCard.from_template(
         card_data,
         model_id="UniMedVL-Tiny",
@@ -180,8 +254,9 @@ def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tin
         out_of_scope_use=OUT_OF_SCOPE,
         bias_risks_limitations=LIMITATIONS,
         bias_recommendations=RECOMMENDATIONS,
-        get_started_code=GET_STARTED.format(repo=repo_id),
+        get_started_code=TINY_GET_STARTED.format(repo=repo_id),
         training_data="VQA-RAD training questions (CC0) and MedPix 2.0 training images and captions (research use).",
+        training_regime=tiny_recipe(build) if build else None,
         results=table,
         citation_bibtex=CITATION,
     )
@@ -191,12 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default=str(CARDS_DIR))
     parser.add_argument("--tiny-results", help="JSON file with UniMedVL-Tiny's measured results")
+    parser.add_argument("--tiny-build", help="build_summary.json of unimedvl_training.build_unimedvl_tiny (training recipe)")
     args = parser.parse_args(argv)
     output = pathlib.Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     results = json.loads(pathlib.Path(args.tiny_results).read_text()) if args.tiny_results else None
     release_card().save(output / "UniMedVL-14B.md")
-    tiny_card(results).save(output / "UniMedVL-Tiny.md")
+    build = json.loads(pathlib.Path(args.tiny_build).read_text()) if args.tiny_build else None
+    tiny_card(results, build=build).save(output / "UniMedVL-Tiny.md")
     print(f"wrote {output / 'UniMedVL-14B.md'} and {output / 'UniMedVL-Tiny.md'}")
 
 

@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from .configuration_unimedvl import UniMedVLConfig
+from .default_model import default_model_path
 from .image_processing_unimedvl import UniMedVLImageProcessor
 from .modeling_unimedvl import (
     UniMedVLForConditionalGeneration,
@@ -41,4 +42,5 @@ __all__ = [
     "UniMedVLModel",
     "UniMedVLPreTrainedModel",
     "UniMedVLProcessor",
+    "default_model_path",
 ]

@@ -1,12 +1,12 @@
 """The `unimedvl` command line.
 
-    unimedvl ask IMAGE "question" --model PATH          # VQA about an image (PNG/JPEG/TIFF/DICOM/NIfTI)
-    unimedvl report IMAGE --model PATH                  # a radiology-style report
-    unimedvl generate "prompt" -o out.png --model PATH  # text-to-image
-    unimedvl edit IMAGE "instruction" -o out.png --model PATH   # editing, SR, T2→FLAIR, H&E→IHC, counterfactuals
+    unimedvl ask IMAGE "question" [--model PATH]          # VQA about an image (PNG/JPEG/TIFF/DICOM/NIfTI)
+    unimedvl report IMAGE [--model PATH]                  # a radiology-style report
+    unimedvl generate "prompt" -o out.png [--model PATH]  # text-to-image
+    unimedvl edit IMAGE "instruction" -o out.png [--model PATH]   # editing, SR, T2→FLAIR, H&E→IHC, counterfactuals
     unimedvl convert ORIGINAL_DIR OUTPUT_DIR            # original release → transformers folder
 
-Common options: `--model`, `--device` (cpu, cuda, cuda:1, auto = device_map="auto"), `--dtype`, `--load-in-4bit` /
+Common options: `--model` (default: the environment variable UNIMEDVL_MODEL, else the shipped UniMedVL-Tiny), `--device` (cpu, cuda, cuda:1, auto = device_map="auto"), `--dtype`, `--load-in-4bit` /
 `--load-in-8bit`, `--seed`; image options `--window` (preset, `center,width` or `minmax`), `--slice`, `--axis`;
 generation options `--steps`, `--height`, `--width`, `--guidance-scale`. Bad input (missing file, unreadable image,
 bad option) ends with exit status 2 (usage) or 1 (input) and a one-line `unimedvl: error: …` message.
@@ -15,7 +15,7 @@ bad option) ends with exit status 2 (usage) or 1 (input) and a one-line `unimedv
 `unimedvl_pipelines.evaluation`).
 
 Extending: every sub-command is a `register_*(subparsers)` function in `SUBCOMMANDS` that adds its parser and sets
-`handler=fn(args) -> int`. The default model path is resolved in one place, `default_model_path()`.
+`handler=fn(args) -> int`. The model path is resolved in one place, `resolve_model_path()`.
 """
 
 import argparse
@@ -23,6 +23,7 @@ import os
 import sys
 
 import torch
+from modeling_unimedvl import default_model_path
 
 from .evaluation.cli import register_eval_command
 
@@ -45,15 +46,14 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"unimedvl: error: {message} (see `{self.prog} --help`)\n")
 
 
-def default_model_path() -> str | None:
-    """The model used when `--model` is not given (none yet: `--model` is required)."""
-    return None
-
-
 def resolve_model_path(args) -> str:
-    path = args.model or default_model_path()
+    """`--model`, else the environment variable UNIMEDVL_MODEL, else the shipped UniMedVL-Tiny."""
+    path = args.model or os.environ.get("UNIMEDVL_MODEL")
     if path is None:
-        raise CommandError("no model given: pass --model PATH (a converted UniMedVL folder or Hub id).")
+        try:
+            return default_model_path()
+        except FileNotFoundError as error:
+            raise CommandError(f"no model given and {error}") from None
     if os.path.sep in path and not os.path.isdir(path):
         raise CommandError(f"{path}: no such model folder.")
     return path
@@ -278,4 +278,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["SUBCOMMANDS", "build_parser", "default_model_path", "main"]
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]

@@ -84,7 +84,6 @@ def test_bad_input_gives_one_line_errors(converted_dir, reference_image, tmp_pat
     cases = [
         (("ask", tmp_path / "none.png", "q", "--model", converted_dir), 1, "none.png: no such file"),
         (("ask", tmp_path / "junk.dcm", "q", "--model", converted_dir), 1, "junk.dcm: not a readable DICOM file"),
-        (("ask", image, "q"), 1, "no model given: pass --model PATH"),
         (("ask", image, "q", "--model", tmp_path / "nomodel"), 1, "nomodel: no such model folder"),
         (("ask", image, "q", "--window", "1,x"), 2, "invalid window '1,x'"),
         (("generate", "p", "-o", tmp_path / "o.png", "--steps", "many"), 2, "argument --steps: invalid int value"),
@@ -99,6 +98,21 @@ def test_bad_input_gives_one_line_errors(converted_dir, reference_image, tmp_pat
         code, stderr = run_in_process(args)
         assert code == status, (args, stderr)
         assert message in error_line(stderr), (args, stderr)
+
+
+def test_the_model_defaults_to_unimedvl_model_then_the_shipped_tiny(converted_dir, reference_image, tmp_path, monkeypatch, capsys):
+    from modeling_unimedvl import default_model
+
+    image = tmp_path / "x.png"
+    reference_image.save(image)
+    monkeypatch.delenv("UNIMEDVL_MODEL", raising=False)
+    assert main(["ask", str(image), "What modality is this image?", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()  # UniMedVL-Tiny answered
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIR", str(tmp_path / "absent"))
+    code, stderr = run_in_process(["ask", image, "q"])
+    assert code == 1 and "no model given and The default model UniMedVL-Tiny is missing" in error_line(stderr)
+    monkeypatch.setenv("UNIMEDVL_MODEL", str(converted_dir))  # the environment variable wins over the default
+    assert main(["ask", str(image), "q", "--max-new-tokens", "2"]) == 0
 
 
 def run_in_process(args):

@@ -20,8 +20,9 @@ import app as demo_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def demo(converted_dir):
-    return demo_app.UniMedVLDemo(converted_dir)
+def demo():
+    """The demo on its default model, the shipped UniMedVL-Tiny."""
+    return demo_app.UniMedVLDemo(demo_app.resolve_model(None))
 
 
 def _direct_answer(demo, prompt, max_new_tokens):
@@ -31,17 +32,20 @@ def _direct_answer(demo, prompt, max_new_tokens):
 
 
 def test_ask_about_a_dicom_upload(demo):
-    answer = demo.ask(get_testdata_file("CT_small.dcm"), "What modality is this?", False, 8)
-    assert answer == _direct_answer(demo, "What modality is this?", 8)
+    answer = demo.ask(get_testdata_file("CT_small.dcm"), "What modality is this image?", False, 8)
+    assert answer == _direct_answer(demo, "What modality is this image?", 8) == "CT"
     report = demo.ask(get_testdata_file("CT_small.dcm"), "", True, 8)
     assert report == _direct_answer(demo, demo_app.REPORT_PROMPT, 8)
 
 
-def test_generation_tabs_return_uint8_images(demo, reference_dir):
-    image = demo.text_to_image("Axial CT of the head.", 64, 2, 4.0, 0)
+def test_generation_tabs_return_uint8_images(demo):
+    assert (demo.size_step, demo.max_size) == (16, 64)
+    image = demo.text_to_image("CT, axial, head", 64, 2, 4.0, 0)
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
-    edited = demo.image_to_image(str(reference_dir / "input.png"), "Make it a FLAIR image.", 2, 2.0, 0)
-    assert edited.shape == (64, 96, 3) and edited.dtype == np.uint8
+    edited = demo.image_to_image(get_testdata_file("CT_small.dcm"), "Increase the resolution of this image by a factor of two.", 2, 2.0, 0)
+    assert edited.shape == (64, 64, 3) and edited.dtype == np.uint8
+    with pytest.raises(gr.Error, match="up to 64 pixels"):
+        demo.text_to_image("CT, axial, head", 128, 2, 4.0, 0)
 
 
 def test_errors_are_one_line_and_hide_server_paths(demo, tmp_path):
@@ -85,12 +89,12 @@ def test_browser_upload_ask_and_generate(demo):
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{port}", timeout=60_000)
         page.locator("#ask-file input[type=file]").set_input_files(get_testdata_file("CT_small.dcm"))
-        page.locator("#question textarea").fill("What modality is this?")
+        page.locator("#question textarea").fill("What modality is this image?")
         page.locator("#ask-button").click()
         page.wait_for_function("document.querySelector('#answer textarea').value.length > 0", timeout=120_000)
-        assert page.locator("#answer textarea").input_value() == _direct_answer(demo, "What modality is this?", 64)
+        assert page.locator("#answer textarea").input_value() == _direct_answer(demo, "What modality is this image?", 64)
         page.get_by_role("tab", name="Text to image").click()
-        page.locator("#prompt textarea").fill("Axial CT of the head.")
+        page.locator("#prompt textarea").fill("CT, axial, head")
         page.locator("#generate-button").click()
         page.locator("#generated img").wait_for(timeout=300_000)
         browser.close()

@@ -1,0 +1,438 @@
+"""Held-out evaluation of UniMedVL-Tiny (or any small UniMedVL folder) with the project's evaluation harness.
+
+    python -m unimedvl_training.evaluate_unimedvl_tiny --model modeling_unimedvl/unimedvl_tiny --data ../shared/data \
+        --output outputs/unimedvl_tiny/eval --seed 0
+
+Only held-out data is used:
+
+- **VQA-RAD test** (451 questions) through `evaluate_vqa`; baseline: the training split's majority answer for closed
+  questions ("no") and its most frequent open answer, scored by the same harness.
+- **MedPix dev** derived questions (modality CT/MR, body region, plane) through `evaluate_vqa`; baseline: the training
+  split's majority class of each question.
+- **Text-to-image**: a small CNN (modality + region heads) trained here on MedPix *train* images at 64 px classifies
+  images generated from the MedPix *dev* label prompts ("MR, sagittal, spine and muscles"); its accuracy on the real dev
+  images is the reference, the dev frequency of the training majority class the baseline.
+- **Image-to-image**: 2× super-resolution of MedPix dev images at 64 px, PSNR / SSIM (harness `psnr_ssim`) against
+  the bicubic input.
+
+Writes `OUTPUT/results.json` in the format of `model_cards/build_model_cards.py --tiny-results` and
+`OUTPUT/evaluation.json` with everything.
+"""
+
+import argparse
+import collections
+import json
+import os
+import time
+
+from PIL import Image
+
+from .build_unimedvl_tiny import (
+    IMAGE_SIZE,
+    MODALITY_QUESTION,
+    PLANE_QUESTION,
+    REGION_QUESTION,
+    REGIONS,
+    SR_INSTRUCTION,
+    label_prompt,
+    load_square_images,
+    medpix_questions,
+    medpix_rows,
+    norm_region,
+    sr_pair,
+)
+
+
+REGION_NAMES = list(REGIONS.values())
+MODALITIES = ["CT", "MR"]
+QUESTION_TYPES = {MODALITY_QUESTION: "modality", REGION_QUESTION: "region", PLANE_QUESTION: "plane"}
+DEFAULT_SAMPLING = {
+    "num_inference_steps": 25,
+    "cfg_text_scale": 3.0,
+    "cfg_img_scale": 1.0,
+    "cfg_interval": (0.0, 1.0),
+    "timestep_shift": 1.0,
+    "cfg_renorm_type": "global",
+    "cfg_renorm_min": 0.0,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classifier (modality + region) for generated images
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_classifier():
+    import torch
+    from torch import nn
+
+    class LabelClassifier(nn.Module):
+        """A small CNN on 64-px grayscale images with a modality head (CT/MR) and a region head (5 classes)."""
+
+        def __init__(self):
+            super().__init__()
+
+            def block(cin, cout):
+                return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+
+            self.features = nn.Sequential(block(1, 16), block(16, 32), block(32, 64), block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.dropout = nn.Dropout(0.2)
+            self.modality = nn.Linear(64, len(MODALITIES))
+            self.region = nn.Linear(64, len(REGION_NAMES))
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.dropout(self.features(pixels.mean(1, keepdim=True)))
+            return self.modality(features), self.region(features)
+
+    return LabelClassifier()
+
+
+def medpix_labels(rows: list[dict]):
+    import torch
+
+    modality = torch.tensor([MODALITIES.index(row["Type"]) for row in rows])
+    region = torch.tensor([REGION_NAMES.index(norm_region(row)) for row in rows])
+    return modality, region
+
+
+def vae_reconstruct(vae, pixels):
+    """Images `[n, 3, H, W]` in [-1, 1] through the VAE (posterior mean), clamped to [-1, 1]."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([vae.decode(vae.encode(pixels[i : i + 128]).latent_dist.mean).sample for i in range(0, pixels.shape[0], 128)]).clamp(-1, 1)
+
+
+def train_classifier(data_dir: str, output_dir: str, seed: int, vae=None, epochs: int = 25):
+    """Trains (or loads) the label classifier on MedPix train at 64 px; returns it with its dev accuracies.
+
+    With `vae`, the training set is the train images plus their VAE reconstructions (so that the classifier judges
+    the content of decoded images rather than their VAE blur), and the accuracy on VAE-reconstructed dev images — the
+    ceiling for generated images — is reported too.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    name = "label_classifier_vae_aug.safetensors" if vae is not None else "label_classifier.safetensors"
+    path = os.path.join(output_dir, name)
+    classifier = make_classifier()
+    train_rows, dev_rows = medpix_rows(data_dir, "train"), medpix_rows(data_dir, "dev")
+    dev = load_square_images([os.path.join(data_dir, "medpix", "images", f"{r['image']}.png") for r in dev_rows])
+    dev_modality, dev_region = medpix_labels(dev_rows)
+    if os.path.isfile(path):
+        classifier.load_state_dict(load_file(path))
+    else:
+        torch.manual_seed(seed)
+        train = load_square_images([os.path.join(data_dir, "medpix", "images", f"{r['image']}.png") for r in train_rows])
+        modality, region = medpix_labels(train_rows)
+        if vae is not None:
+            train = torch.cat([train, vae_reconstruct(vae, train)])
+            modality, region = modality.repeat(2), region.repeat(2)
+        optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=1e-4)
+        generator = torch.Generator().manual_seed(seed)
+        steps_per_epoch = (train.shape[0] + 63) // 64
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=epochs * steps_per_epoch)
+        for _ in range(epochs):
+            classifier.train()
+            order = torch.randperm(train.shape[0], generator=generator)
+            for start in range(0, train.shape[0], 64):
+                index = order[start : start + 64]
+                batch = train[index]
+                flip = torch.rand(len(index), generator=generator) < 0.5
+                batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+                shift = torch.randint(-4, 5, (2,), generator=generator).tolist()
+                batch = torch.roll(batch, shifts=shift, dims=(2, 3))
+                batch = batch * (1 + 0.1 * torch.randn(len(index), 1, 1, 1, generator=generator))
+                logits_m, logits_r = classifier(batch)
+                loss = torch.nn.functional.cross_entropy(logits_m, modality[index]) + torch.nn.functional.cross_entropy(logits_r, region[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+        os.makedirs(output_dir, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, path)
+    classifier.eval()
+    predicted_modality, predicted_region = classify(classifier, dev)
+    real = {
+        "modality_acc": float((predicted_modality == dev_modality).float().mean()),
+        "region_acc": float((predicted_region == dev_region).float().mean()),
+        "n": len(dev_rows),
+    }
+    if vae is not None:
+        predicted_modality, predicted_region = classify(classifier, vae_reconstruct(vae, dev))
+        real["vae_reconstructed_modality_acc"] = float((predicted_modality == dev_modality).float().mean())
+        real["vae_reconstructed_region_acc"] = float((predicted_region == dev_region).float().mean())
+    real["classifier"] = path
+    return classifier, real
+
+
+def classify(classifier, pixels):
+    import torch
+
+    with torch.no_grad():
+        outputs = [classifier(pixels[i : i + 128]) for i in range(0, pixels.shape[0], 128)]
+    return torch.cat([o[0] for o in outputs]).argmax(-1), torch.cat([o[1] for o in outputs]).argmax(-1)
+
+
+def pil_to_tensor(images: list[Image.Image]):
+    import numpy as np
+    import torch
+
+    arrays = np.stack([np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)) for image in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluations
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def vqa_rad(model, processor, checkpoint: str, data_dir: str, output_dir: str, seed: int, batch_size: int, limit=None) -> dict:
+    from unimedvl_pipelines.evaluation import evaluate_vqa, score_vqa_predictions
+    from unimedvl_pipelines.evaluation.records import load_vqa_records
+
+    test = os.path.join(data_dir, "vqa_rad", "testset.json")
+    result = evaluate_vqa(
+        checkpoint, test, os.path.join(output_dir, "vqa_rad"), image_dir=os.path.join(data_dir, "vqa_rad", "images"),
+        batch_size=batch_size, max_new_tokens=16, seed=seed, model=model, processor=processor, progress=False, limit=limit,
+    )
+    with open(os.path.join(data_dir, "vqa_rad", "trainset.json")) as handle:
+        train = json.load(handle)
+    closed = collections.Counter(str(r["answer"]).strip().lower() for r in train if r["answer_type"].strip() == "CLOSED")
+    opened = collections.Counter(str(r["answer"]).strip().lower() for r in train if r["answer_type"].strip() == "OPEN")
+    majority_closed, majority_open = closed.most_common(1)[0][0], opened.most_common(1)[0][0]
+    records, _ = load_vqa_records(test, os.path.join(data_dir, "vqa_rad", "images"), limit)
+    baseline_rows = [
+        dict(record, prediction=majority_closed if record["answer_type"] == "CLOSED" else majority_open) for record in records
+    ]
+    baseline = score_vqa_predictions(baseline_rows)["overall"]
+    return {
+        "model": result["metrics"]["overall"],
+        "by_question_type": result["metrics"].get("by_question_type"),
+        "baseline": baseline,
+        "baseline_answers": {"closed": majority_closed, "open": majority_open},
+        "summary": result["files"] if "files" in result else None,
+    }
+
+
+def medpix_dev_questions(model, processor, checkpoint: str, data_dir: str, output_dir: str, seed: int, batch_size: int, limit=None) -> dict:
+    from unimedvl_pipelines.evaluation import evaluate_vqa, normalize_answer
+
+    rows = []
+    for row in medpix_rows(data_dir, "dev"):
+        for question, answer in medpix_questions(row):
+            rows.append(
+                {
+                    "qid": f"{row['image']}:{QUESTION_TYPES[question]}",
+                    "image_name": f"{row['image']}.png",
+                    "question": question,
+                    "answer": answer,
+                    "answer_type": "CLOSED",
+                    "question_type": QUESTION_TYPES[question],
+                    "image_organ": norm_region(row),
+                }
+            )
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "medpix_dev_questions.json")
+    with open(path, "w") as handle:
+        json.dump(rows, handle)
+    result = evaluate_vqa(
+        checkpoint, path, os.path.join(output_dir, "medpix_dev"), image_dir=os.path.join(data_dir, "medpix", "images"),
+        batch_size=batch_size, max_new_tokens=12, seed=seed, model=model, processor=processor, progress=False, limit=limit,
+    )
+    with open(result["predictions"]) as handle:
+        predictions = [json.loads(line) for line in handle if line.strip()]
+    train_answers = collections.defaultdict(collections.Counter)
+    for row in medpix_rows(data_dir, "train"):
+        for question, answer in medpix_questions(row):
+            train_answers[QUESTION_TYPES[question]][answer] += 1
+    out = {}
+    for kind in ("modality", "region", "plane"):
+        items = [p for p in predictions if p["question_type"] == kind]
+        majority = train_answers[kind].most_common(1)[0][0]
+        hits = [normalize_answer(p["prediction"]) == normalize_answer(p["answer"]) for p in items]
+        base = [normalize_answer(majority) == normalize_answer(p["answer"]) for p in items]
+        out[kind] = {
+            "accuracy": sum(hits) / max(1, len(hits)),
+            "majority_baseline": sum(base) / max(1, len(base)),
+            "majority_answer": majority,
+            "n": len(items),
+            "predicted_answers": dict(collections.Counter(normalize_answer(p["prediction"]) for p in items).most_common(8)),
+        }
+    return out
+
+
+def text_to_image(model, processor, classifier, data_dir: str, output_dir: str, seed: int, sampling: dict, batch_size: int, limit=None, split: str = "dev") -> dict:
+    """Generates one image per MedPix `split` label prompt and classifies it (`split="train"`: for choosing the
+    sampling settings without touching dev)."""
+    import torch
+
+    from unimedvl_pipelines.evaluation.runner import generate_images, item_seed
+
+    rows = medpix_rows(data_dir, split)[:limit]
+    images_dir = os.path.join(output_dir, "t2i")
+    os.makedirs(images_dir, exist_ok=True)
+    images = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        prompts = [label_prompt(row) for row in batch]
+        seeds = [item_seed(seed, row["image"]) for row in batch]
+        generated = generate_images(model, processor, prompts, seeds, dict(sampling, height=IMAGE_SIZE, width=IMAGE_SIZE))
+        for row, image in zip(batch, generated):
+            image.save(os.path.join(images_dir, f"{row['image']}.png"))
+        images += generated
+    pixels = pil_to_tensor(images)
+    predicted_modality, predicted_region = classify(classifier, pixels)
+    modality, region = medpix_labels(rows)
+    train_modality, train_region = medpix_labels(medpix_rows(data_dir, "train"))
+    majority_modality, majority_region = int(train_modality.mode().values), int(train_region.mode().values)
+    return {
+        "n": len(rows),
+        "modality_acc": float((predicted_modality == modality).float().mean()),
+        "region_acc": float((predicted_region == region).float().mean()),
+        "modality_majority_baseline": float((modality == majority_modality).float().mean()),
+        "region_majority_baseline": float((region == majority_region).float().mean()),
+        "modality_chance": 1 / len(MODALITIES),
+        "region_chance": 1 / len(REGION_NAMES),
+        "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in sampling.items()},
+        "images": images_dir,
+        "predicted_modality_counts": torch.bincount(predicted_modality, minlength=2).tolist(),
+        "predicted_region_counts": torch.bincount(predicted_region, minlength=5).tolist(),
+    }
+
+
+def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int, count: int, sampling: dict, batch_size: int) -> dict:
+    import torch
+
+    from unimedvl_pipelines.evaluation.image_metrics import psnr_ssim
+    from unimedvl_pipelines.evaluation.runner import generate_images, item_seed
+
+    rows = medpix_rows(data_dir, "dev")
+    pairs_dir = os.path.join(output_dir, "sr_pairs")
+    os.makedirs(pairs_dir, exist_ok=True)
+    pairs = []
+    for row in rows:
+        low, high = sr_pair(os.path.join(data_dir, "medpix", "images", f"{row['image']}.png"), pairs_dir, row["image"])
+        with Image.open(low) as image_low, Image.open(high) as image_high:
+            if image_low.size == (IMAGE_SIZE, IMAGE_SIZE):  # one batch size for all conditions
+                pairs.append((row["image"], image_low.convert("RGB"), image_high.convert("L")))
+        if len(pairs) >= count:
+            break
+    model_scores, bicubic_scores = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        outputs = generate_images(
+            model, processor, [SR_INSTRUCTION] * len(batch), [item_seed(seed, name) for name, _, _ in batch], sampling,
+            conditions=[low for _, low, _ in batch],
+        )
+        for (name, low, high), output in zip(batch, outputs):
+            output.save(os.path.join(pairs_dir, f"{name}_model.png"))
+            target = torch.from_numpy(__import__("numpy").asarray(high, dtype="float32"))[None]
+            gray = torch.from_numpy(__import__("numpy").asarray(output.convert("L"), dtype="float32"))[None]
+            bicubic = torch.from_numpy(__import__("numpy").asarray(low.convert("L"), dtype="float32"))[None]
+            model_scores.append(psnr_ssim(gray, target))
+            bicubic_scores.append(psnr_ssim(bicubic, target))
+
+    def mean(scores, index):
+        return sum(s[index] for s in scores) / max(1, len(scores))
+
+    return {
+        "n": len(pairs),
+        "psnr": mean(model_scores, 0),
+        "ssim": mean(model_scores, 1),
+        "bicubic_psnr": mean(bicubic_scores, 0),
+        "bicubic_ssim": mean(bicubic_scores, 1),
+        "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in sampling.items()},
+    }
+
+
+def card_results(evaluation: dict) -> dict:
+    """The `--tiny-results` JSON of build_model_cards.py: metric → {value, baseline, dataset} (percent / dB)."""
+    results = {}
+    vqa = evaluation.get("vqa_rad")
+    if vqa:
+        for key, name in (("closed_acc", "VQA-RAD closed accuracy (%)"), ("open_recall", "VQA-RAD open recall (%)"), ("overall_acc", "VQA-RAD overall strict accuracy (%)")):
+            if vqa["model"].get(key) is not None:
+                results[name] = {"value": round(100 * vqa["model"][key], 1), "baseline": round(100 * vqa["baseline"][key], 1), "dataset": "VQA-RAD test (451)"}
+    for kind, block in (evaluation.get("medpix_questions") or {}).items():
+        results[f"MedPix {kind} question accuracy (%)"] = {
+            "value": round(100 * block["accuracy"], 1), "baseline": round(100 * block["majority_baseline"], 1), "dataset": f"MedPix 2.0 dev ({block['n']})",
+        }
+    t2i = evaluation.get("text_to_image")
+    if t2i:
+        for kind in ("modality", "region"):
+            results[f"Generated-image {kind} accuracy by classifier (%)"] = {
+                "value": round(100 * t2i[f"{kind}_acc"], 1), "baseline": round(100 * t2i[f"{kind}_majority_baseline"], 1), "dataset": f"MedPix 2.0 dev prompts ({t2i['n']})",
+            }
+    real = evaluation.get("classifier_on_real_dev")
+    if t2i and real:
+        for kind in ("modality", "region"):
+            results[f"Label classifier on real dev images, {kind} (%) (ceiling)"] = {
+                "value": round(100 * real[f"{kind}_acc"], 1), "baseline": round(100 * t2i[f"{kind}_majority_baseline"], 1), "dataset": f"MedPix 2.0 dev images ({real['n']})",
+            }
+    sr = evaluation.get("super_resolution")
+    if sr:
+        results["2x super-resolution PSNR (dB)"] = {"value": round(sr["psnr"], 2), "baseline": round(sr["bicubic_psnr"], 2), "dataset": f"MedPix 2.0 dev, 64 px ({sr['n']})"}
+        results["2x super-resolution SSIM"] = {"value": round(sr["ssim"], 3), "baseline": round(sr["bicubic_ssim"], 3), "dataset": f"MedPix 2.0 dev, 64 px ({sr['n']})"}
+    return results
+
+
+def main(argv=None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="modeling_unimedvl/unimedvl_tiny")
+    parser.add_argument("--data", default=os.environ.get("UNIMEDVL_DATA_DIR", "../shared/data"))
+    parser.add_argument("--output", default="outputs/unimedvl_tiny/eval")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None, help="at most this many items per task (smoke runs)")
+    parser.add_argument("--num-sr", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tasks", nargs="+", default=["vqa_rad", "medpix_questions", "text_to_image", "super_resolution"])
+    parser.add_argument("--cfg-text-scale", type=float, default=DEFAULT_SAMPLING["cfg_text_scale"])
+    parser.add_argument("--timestep-shift", type=float, default=DEFAULT_SAMPLING["timestep_shift"])
+    parser.add_argument("--steps", type=int, default=DEFAULT_SAMPLING["num_inference_steps"])
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from unimedvl_pipelines.evaluation.runner import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.output, exist_ok=True)
+    evaluation_path = os.path.join(args.output, "evaluation.json")
+    evaluation = json.load(open(evaluation_path)) if os.path.isfile(evaluation_path) else {}
+    evaluation.setdefault("timings_s", {})
+    model, processor = load_checkpoint(args.model, "cpu", "float32")
+    sampling = dict(DEFAULT_SAMPLING, cfg_text_scale=args.cfg_text_scale, timestep_shift=args.timestep_shift, num_inference_steps=args.steps)
+    for task in args.tasks:
+        start = time.perf_counter()
+        torch.manual_seed(args.seed)
+        if task == "vqa_rad":
+            evaluation[task] = vqa_rad(model, processor, args.model, args.data, args.output, args.seed, args.batch_size, args.limit)
+        elif task == "medpix_questions":
+            evaluation[task] = medpix_dev_questions(model, processor, args.model, args.data, args.output, args.seed, args.batch_size, args.limit)
+        elif task == "text_to_image":
+            classifier, real = train_classifier(args.data, args.output, args.seed, vae=model.model.vae)
+            evaluation["classifier_on_real_dev"] = real
+            evaluation[task] = text_to_image(model, processor, classifier, args.data, args.output, args.seed, sampling, args.batch_size, args.limit)
+        elif task == "super_resolution":
+            sr_sampling = dict(sampling, cfg_img_scale=1.0)
+            evaluation[task] = super_resolution(model, processor, args.data, args.output, args.seed, args.num_sr if args.limit is None else min(args.limit, args.num_sr), sr_sampling, args.batch_size)
+        else:
+            raise ValueError(f"unknown task {task!r}")
+        evaluation["timings_s"][task] = round(time.perf_counter() - start, 1)
+        evaluation["model"] = os.path.abspath(args.model)
+        with open(evaluation_path, "w") as handle:
+            json.dump(evaluation, handle, indent=1)
+        print(task, json.dumps(evaluation[task], indent=1)[:2000], flush=True)
+    results = card_results(evaluation)
+    with open(os.path.join(args.output, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    print(json.dumps(results, indent=1))
+    return evaluation
+
+
+if __name__ == "__main__":
+    main()
