@@ -175,7 +175,8 @@ TINY_RECIPE = (
     "({megabytes} MB of safetensors).\n"
     "- **Curriculum**: the package's stages 1, 2, 3 (`unimedvl_training.curriculum.run_curriculum`, shipped "
     "mixtures and loss weights) with LR 1e-3 (constant, cosine in stage 3), batch 16, {steps} steps; ViT trained "
-    "(it starts random), VAE frozen. Understanding: VQA-RAD train + MedPix train modality / region / plane questions; "
+    "(it starts random), VAE frozen. Understanding: VQA-RAD train questions, a region question per VQA-RAD train image (its organ label), MedPix train "
+    "modality / region / plane questions on {num_views} views (whole image, random crops and flips) of each image; "
     "text-to-image: MedPix train images from label prompts (\"CT, axial, head\") and captions; image-to-image: 2× "
     "super-resolution of MedPix train images. Loss (first → last 10 logged steps): {curves}."
 )
@@ -195,7 +196,7 @@ def tiny_recipe(build: dict) -> str:
         vae_channels=tuple(vae["block_out_channels"]), vae_steps=vae["steps"], decoder_steps=(vae.get("decoder_finetune") or {}).get("steps", 0), scale=vae["scaling_factor"],
         shift=vae["shift_factor"], vae_psnr=vae["dev_psnr"], params=f"{build.get('parameters', 0):,}",
         megabytes=build.get("megabytes", "?"), steps=" / ".join(str(s) for s in build.get("stage_steps", [])),
-        curves=curves, vae_s=vae.get("wall_s", timings.get("vae_s", "?")),
+        curves=curves, num_views=build.get("num_views", 1), vae_s=vae.get("wall_s", timings.get("vae_s", "?")),
         **{k: timings.get(k, "?") for k in ("tokenizer_s", "stage1_s", "stage2_s", "stage3_s")},
     )
 
@@ -236,7 +237,8 @@ def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tin
             "Held-out data only (VQA-RAD test, MedPix 2.0 dev), measured with "
             "`python -m unimedvl_training.evaluate_unimedvl_tiny` (the package's evaluation harness). Baselines: the "
             "training split's majority answer / class; for generated images, the majority class of the prompts "
-            "(a label classifier trained on MedPix train judges the images); for super-resolution, the bicubic input.\n\n"
+            "(a label classifier trained on MedPix train judges the images); for super-resolution, the bicubic input (every output goes through the VAE, whose own reconstruction PSNR on "
+            "MedPix dev bounds it; see the training regime).\n\n"
             + table
         )
     return ModelCard.from_template(

@@ -170,3 +170,24 @@ def test_the_build_script_runs_end_to_end(data_dir, tmp_path):
     assert [stage["stage"] for stage in summary["stages"]] == ["stage1", "stage2", "stage3"]
     loaded = m.UniMedVLForConditionalGeneration.from_pretrained(summary["final"])
     assert loaded.config.text_config.vocab_size == 600
+
+
+def test_quickstart_runs_offline_on_the_shipped_model(tmp_path):
+    """The README's main job: `python examples/quickstart.py` answers, generates and super-resolves, offline."""
+    import subprocess
+    import sys
+
+    environment = dict(os.environ, HF_HUB_OFFLINE="1")
+    environment.pop("UNIMEDVL_MODEL", None)
+    result = subprocess.run(
+        [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"), "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"model: {m.default_model_path()}" in result.stdout
+    assert "A: 'CT'" in result.stdout  # pydicom's CT_small.dcm, soft-tissue window
+    for name in ("text_to_image.png", "image_to_image.png"):
+        from PIL import Image
+
+        with Image.open(tmp_path / name) as image:
+            assert image.size == (64, 64)

@@ -13,8 +13,9 @@ Steps (each is skipped when its output exists, so an interrupted run resumes):
    std set `shift_factor` / `scaling_factor` as FLUX does (`(z − shift)·scale` ≈ unit variance).
 2. **Model** — a fresh `UniMedVLConfig` at small size with the trained VAE inside, randomly initialised.
 3. **Curriculum** — the project's stages 1, 2, 3 (`run_curriculum`, shipped stage configs + overrides: steps, LR,
-   batch, small resolutions, ViT unfrozen because it is random, VAE frozen) on: understanding = VQA-RAD train + derived
-   MedPix train questions (modality, body region, plane); text-to-image = MedPix train images from label prompts
+   batch, small resolutions, ViT unfrozen because it is random, VAE frozen) on: understanding = VQA-RAD train, a
+   region question per VQA-RAD train image (organ label), and derived MedPix train questions (modality, body region,
+   plane) on 4 views (whole, random crops and flips) of each image; text-to-image = MedPix train images from label prompts
    ("CT, axial, head") and captions; image-to-image = 2× super-resolution of MedPix train images.
 4. **Final folder** (`OUTPUT/final`): config, `model.safetensors` (float32), tokenizer, processor, generation config,
    code files + `auto_map` — loadable with `from_pretrained` and the `Auto*` classes (Hub-ready). With `--ship` it is
@@ -67,6 +68,8 @@ REGIONS = {
     "Reproductive and Urinary System": "reproductive and urinary system",
 }
 """MedPix `Location Category` → the region word used in questions, answers and generation prompts."""
+VQA_RAD_ORGANS = {"HEAD": "head", "CHEST": "thorax", "ABD": "abdomen"}
+"""VQA-RAD `image_organ` → the region word of the MedPix region questions."""
 PLANES = {"Axial": "axial", "Transverse": "axial", "Coronal": "coronal", "Sagittal": "sagittal"}
 """MedPix `Plane` → plane word; every other plane value becomes `other`."""
 
@@ -112,10 +115,11 @@ DEFAULTS = {
     "vae_learning_rate": 2e-3,
     "vae_kl_weight": 1e-4,
     "vae_decoder_steps": 600,
-    "stage_steps": (1000, 900, 900),
+    "stage_steps": (2000, 1800, 1800),
     "batch_size": 16,
     "learning_rate": 1e-3,
     "num_sr": 800,
+    "num_views": 4,
 }
 
 
@@ -537,14 +541,42 @@ def sr_pair(source: str, out_dir: str, name: str) -> tuple[str, str]:
     return input_path, target_path
 
 
-def build_data(data_dir: str, out_dir: str, num_sr: int, seed: int) -> dict:
-    """Writes the JSONL files of the three data groups (training splits only); returns the `data:` config."""
+def augmented_copies(source: str, out_dir: str, name: str, count: int, seed: int) -> list[str]:
+    """`count` views of one training image for the understanding questions, ≤ 112 px: the whole image, then random
+    crops (80–100 % of each side) with random horizontal flips (labels — modality, region, plane — are invariant)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{name}_v{index}.png") for index in range(count)]
+    if all(os.path.isfile(path) for path in paths):
+        return paths
+    rng = random.Random(f"{seed}:{name}")
+    long_side = IMAGE_TRANSFORMS["understanding"][0]
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        for index, path in enumerate(paths):
+            view = image
+            if index > 0:
+                width, height = (round(side * rng.uniform(0.8, 1.0)) for side in image.size)
+                left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+                view = image.crop((left, top, left + width, top + height))
+                if rng.random() < 0.5:
+                    view = view.transpose(Image.FLIP_LEFT_RIGHT)
+            scale = min(1.0, long_side / max(view.size))
+            view.resize((max(1, round(view.width * scale)), max(1, round(view.height * scale))), Image.BICUBIC).save(path)
+    return paths
+
+
+def build_data(data_dir: str, out_dir: str, num_sr: int, seed: int, num_views: int = 1) -> dict:
+    """Writes the JSONL files of the three data groups (training splits only); returns the `data:` config.
+
+    Understanding: VQA-RAD train questions, a region question per VQA-RAD train image (its organ label) and the
+    MedPix train modality / region / plane questions on `num_views` views of each image (`augmented_copies`)."""
     data_dir, out_dir = os.path.abspath(data_dir), os.path.abspath(out_dir)  # image paths in the JSONL are absolute
     os.makedirs(os.path.join(out_dir, "sr"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "vqa_rad_images"), exist_ok=True)
     with open(os.path.join(data_dir, "vqa_rad", "trainset.json")) as handle:
         vqa = json.load(handle)
     understanding = []
+    organ_images = {}
     for row in vqa:
         image = _resized_copy(
             os.path.join(data_dir, "vqa_rad", "images", row["image_name"]),
@@ -552,11 +584,15 @@ def build_data(data_dir: str, out_dir: str, num_sr: int, seed: int) -> dict:
             128,
         )
         understanding.append(_und_row(image, row["question"], str(row["answer"])))
+        if row.get("image_organ") in VQA_RAD_ORGANS:
+            organ_images[image] = VQA_RAD_ORGANS[row["image_organ"]]
+    understanding += [_und_row(image, REGION_QUESTION, region) for image, region in sorted(organ_images.items())]
     medpix = medpix_rows(data_dir, "train")
     medpix_images = os.path.join(data_dir, "medpix", "images")
     for row in medpix:
-        image = os.path.join(medpix_images, f"{row['image']}.png")
-        understanding += [_und_row(image, question, answer) for question, answer in medpix_questions(row)]
+        source = os.path.join(medpix_images, f"{row['image']}.png")
+        for image in augmented_copies(source, os.path.join(out_dir, "medpix_und"), row["image"], num_views, seed):
+            understanding += [_und_row(image, question, answer) for question, answer in medpix_questions(row)]
     t2i = []
     for row in medpix:
         t2i.append(_t2i_row(f"{row['image']}.png", label_prompt(row)))
@@ -695,6 +731,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     parser.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
     parser.add_argument("--num-sr", type=int, default=DEFAULTS["num_sr"])
+    parser.add_argument("--num-views", type=int, default=DEFAULTS["num_views"], help="views per MedPix image for the understanding questions")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--ema", action="store_true", help="ship the EMA weights of stage 3 instead of the last weights")
     parser.add_argument("--machine", default="2-core CPU dev box (shared)", help="machine description for the summary")
@@ -735,7 +772,7 @@ def main(argv=None) -> dict:
     model_dir = build_initial_model(tokenizer, os.path.join(output, "vae_stage", "vae"), os.path.join(output, "model_init"), args.seed)
     if args.stop_after == "model":
         return {}
-    data = timed("data_s", build_data, args.data, os.path.join(output, "data"), args.num_sr, args.seed)
+    data = timed("data_s", build_data, args.data, os.path.join(output, "data"), args.num_sr, args.seed, args.num_views)
     if args.stop_after == "data":
         return {}
     steps = args.stage_steps
@@ -782,6 +819,7 @@ def main(argv=None) -> dict:
         "machine": args.machine,
         "vocab_size": len(tokenizer),
         "stage_steps": list(steps),
+        "num_views": args.num_views,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         **_size_report(final),

@@ -100,10 +100,11 @@ def curve(log_history: list[dict], key: str, points: int = 6) -> list[tuple[int,
     return [values[round(i * stride)] for i in range(points)]
 
 
-def window_mean(log_history: list[dict], key: str, first: bool, size: int = 10) -> float:
+def window_mean(log_history: list[dict], key: str, first: bool, size: int = 10) -> float | None:
+    """Mean of the first / last `size` logged values of `key` (None for a run shorter than one logging interval)."""
     values = [entry[key] for entry in log_history if key in entry and "train_runtime" not in entry]
     chosen = values[:size] if first else values[-size:]
-    return sum(chosen) / len(chosen)
+    return round(sum(chosen) / len(chosen), 4) if chosen else None
 
 
 def summarize(name: str, final_dir: str) -> dict:
@@ -113,12 +114,12 @@ def summarize(name: str, final_dir: str) -> dict:
     result = {"stage": name, "data": {g: {"kept": r["kept"], "dropped": r["dropped"]} for g, r in summary["data"].items()}}
     for key in ("ce", "mse", "loss"):
         result[key] = {
-            "first10_mean": round(window_mean(history, key, True), 4),
-            "last10_mean": round(window_mean(history, key, False), 4),
+            "first10_mean": window_mean(history, key, True),
+            "last10_mean": window_mean(history, key, False),
             "points": [(step, round(value, 4)) for step, value in curve(history, key)],
         }
     speeds = [entry["tokens_per_second"] for entry in history if "tokens_per_second" in entry]
-    result["tokens_per_second_median"] = sorted(speeds)[len(speeds) // 2]
+    result["tokens_per_second_median"] = sorted(speeds)[len(speeds) // 2] if speeds else None
     result["train_runtime_s"] = next(entry["train_runtime"] for entry in history if "train_runtime" in entry)
     return result
 
