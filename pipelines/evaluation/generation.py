@@ -18,8 +18,8 @@ from .image_metrics import (
 )
 from .predictions import file_stem, open_run
 from .records import load_generation_records
-from .runner import generate_images, item_seed, load_checkpoint, resolve_device_dtype
-from .summary import format_value, input_section, markdown_table, write_summary
+from .runner import generate_images, in_batches, item_seed, model_for_run, run_device_dtype
+from .summary import format_value, input_and_timing_lines, markdown_table, write_summary
 
 GENERATION_DEFINITIONS = {
     "fid": "Frechet distance of extractor features (torchmetrics FrechetInceptionDistance on precomputed features); "
@@ -159,15 +159,7 @@ def _generation_markdown(result: dict) -> str:
             f"({diversity['scales']} scales, Gaussian 11, sigma 1.5, data_range 1, relu-normalised; "
             "lower = more diverse).",
         ]
-    lines += [
-        "",
-        "### Input",
-        "",
-        input_section(result["input"]),
-        "",
-        f"Wall time {result['timing']['wall_s']:.1f} s ({result['timing']['generated']} images generated this run, "
-        f"{result['timing']['resumed']} resumed).",
-    ]
+    lines += input_and_timing_lines(result, "images")
     return "\n".join(lines)
 
 
@@ -209,7 +201,7 @@ def evaluate_generation(
     """
     start = time.perf_counter()
     records, data_report = load_generation_records(data, image_dir, limit)
-    run_device, torch_dtype = resolve_device_dtype(device, dtype) if model is None else (model.device, model.dtype)
+    run_device, torch_dtype = run_device_dtype(model, device, dtype)
     sampling = {
         "height": height,
         "width": width,
@@ -239,11 +231,9 @@ def evaluate_generation(
         if f"{record['id']}#{sample}" not in store
         or not os.path.isfile(store.items[f"{record['id']}#{sample}"]["generated"])
     ]
-    if jobs and model is None:
-        model, processor = load_checkpoint(checkpoint, device, dtype)
+    model, processor = model_for_run(model, processor, jobs, checkpoint, device, dtype)
     sampling["cfg_interval"] = tuple(cfg_interval)
-    batches = [jobs[index : index + batch_size] for index in range(0, len(jobs), batch_size)]
-    for batch in tqdm(batches, desc="Generation", unit="batch", disable=not progress):
+    for batch in tqdm(in_batches(jobs, batch_size), desc="Generation", unit="batch", disable=not progress):
         seeds = [item_seed(seed, record["id"], sample) for record, sample in batch]
         images = generate_images(model, processor, [record["prompt"] for record, _ in batch], seeds, sampling)
         rows = []

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from .image_metrics import psnr_ssim
 from .predictions import PredictionStore, file_stem, open_run
 from .records import load_i2i_records
-from .runner import generate_images, item_seed, load_checkpoint, open_rgb, resolve_device_dtype
-from .summary import format_value, input_section, markdown_table, write_summary
+from .runner import generate_images, in_batches, item_seed, model_for_run, open_rgb, run_device_dtype
+from .summary import format_value, input_and_timing_lines, markdown_table, write_summary
 
 I2I_CONVENTION = (
     "PSNR / SSIM per image on 8-bit values (data_range 255), averaged over images (mean of per-image PSNR); SSIM = "
@@ -94,13 +94,7 @@ def _i2i_markdown(result: dict) -> str:
         "",
         f"Convention: {metrics['convention']} Resized predictions: {metrics['resized_predictions']}; "
         f"pairs with infinite PSNR: {metrics['infinite_psnr']}.",
-        "",
-        "### Input",
-        "",
-        input_section(result["input"]),
-        "",
-        f"Wall time {result['timing']['wall_s']:.1f} s ({result['timing']['generated']} images generated this run, "
-        f"{result['timing']['resumed']} resumed).",
+        *input_and_timing_lines(result, "images"),
     ]
     return "\n".join(lines)
 
@@ -137,7 +131,7 @@ def evaluate_i2i(
     """
     start = time.perf_counter()
     records, data_report = load_i2i_records(data, image_dir, limit)
-    _, torch_dtype = resolve_device_dtype(device, dtype) if model is None else (None, model.dtype)
+    _, torch_dtype = run_device_dtype(model, device, dtype)
     sampling = {
         "num_inference_steps": num_inference_steps,
         "cfg_text_scale": cfg_text_scale,
@@ -164,11 +158,9 @@ def evaluate_i2i(
         for record in records
         if record["id"] not in store or not os.path.isfile(store.items[record["id"]]["generated"])
     ]
-    if todo and model is None:
-        model, processor = load_checkpoint(checkpoint, device, dtype)
+    model, processor = model_for_run(model, processor, todo, checkpoint, device, dtype)
     sampling["cfg_interval"] = tuple(cfg_interval)
-    batches = [todo[index : index + batch_size] for index in range(0, len(todo), batch_size)]
-    for batch in tqdm(batches, desc="Image-to-image", unit="batch", disable=not progress):
+    for batch in tqdm(in_batches(todo, batch_size), desc="Image-to-image", unit="batch", disable=not progress):
         by_size = defaultdict(list)
         for record in batch:
             try:

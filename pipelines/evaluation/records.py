@@ -129,6 +129,26 @@ def _with_image(values: dict, key: str, image_dir: str, where: str, report: Inpu
     return True
 
 
+class _UniqueRecords:
+    """Collects records with distinct ids up to `limit`; a repeated id is skipped as `duplicate_id` in `report`."""
+
+    def __init__(self, report: InputReport, limit: int | None):
+        self.report, self.limit, self.items, self.seen = report, limit, [], set()
+
+    def add(self, record: dict, where: str) -> bool:
+        """Keeps `record` unless its id was seen; returns True once `limit` records are kept."""
+        if record["id"] in self.seen:
+            self.report.skip("duplicate_id", where)
+            return False
+        self.seen.add(record["id"])
+        self.items.append(record)
+        return self.limit is not None and len(self.items) >= self.limit
+
+    def result(self) -> tuple[list[dict], InputReport]:
+        self.report.rows_kept = len(self.items)
+        return self.items, self.report
+
+
 def load_vqa_records(path: str, image_dir: str | None = None, limit: int | None = None):
     """VQA records `{id, image, question, answer, answer_type, question_type, organ}` and an [`InputReport`].
 
@@ -136,7 +156,7 @@ def load_vqa_records(path: str, image_dir: str | None = None, limit: int | None 
     OPEN are skipped as `bad_answer_type`. Ids are `str(qid)`; a duplicate id is skipped as `duplicate_id`.
     """
     report, image_dir = InputReport(), image_dir or default_image_dir(path)
-    records, seen = [], set()
+    records = _UniqueRecords(report, limit)
     fields = {
         "id": ("qid", "id", "question_id"),
         "image": ("image_name", "img_name", "image", "image_path"),
@@ -156,17 +176,11 @@ def load_vqa_records(path: str, image_dir: str | None = None, limit: int | None 
         if values["answer_type"] not in ("CLOSED", "OPEN"):
             report.skip("bad_answer_type", where)
             continue
-        if values["id"] in seen:
-            report.skip("duplicate_id", where)
-            continue
-        seen.add(values["id"])
         values["question_type"] = _first(row, ("question_type", "content_type"))
         values["organ"] = _first(row, ("image_organ", "organ", "location"))
-        records.append(values)
-        if limit is not None and len(records) >= limit:
+        if records.add(values, where):
             break
-    report.rows_kept = len(records)
-    return records, report
+    return records.result()
 
 
 def load_report_records(path: str, image_dir: str | None = None, max_images: int = 1, limit: int | None = None):
@@ -176,7 +190,7 @@ def load_report_records(path: str, image_dir: str | None = None, max_images: int
     `max_images` of the case's CT (`TAC`) then MR (`MRI`) images (`id` = `U_id`); generic rows need `id, image, report`.
     """
     report, image_dir = InputReport(), image_dir or default_image_dir(path)
-    records, seen = [], set()
+    records = _UniqueRecords(report, limit)
     for where, row in read_rows(path, report):
         if isinstance(row, dict) and "Case" in row:
             values = _require(row, where, report, {"id": ("U_id",), "report": ("Case.Findings",)})
@@ -204,15 +218,9 @@ def load_report_records(path: str, image_dir: str | None = None, max_images: int
             report.skip("missing_image:image", where)
             continue
         record = {"id": str(values["id"]), "images": paths, "report": str(values["report"]).strip()}
-        if record["id"] in seen:
-            report.skip("duplicate_id", where)
-            continue
-        seen.add(record["id"])
-        records.append(record)
-        if limit is not None and len(records) >= limit:
+        if records.add(record, where):
             break
-    report.rows_kept = len(records)
-    return records, report
+    return records.result()
 
 
 def load_generation_records(path: str, image_dir: str | None = None, limit: int | None = None):
@@ -222,7 +230,7 @@ def load_generation_records(path: str, image_dir: str | None = None, limit: int 
     Generic rows: `id, prompt, image`, optional `modality` (default "all").
     """
     report, image_dir = InputReport(), image_dir or default_image_dir(path)
-    records, seen = [], set()
+    records = _UniqueRecords(report, limit)
     for where, row in read_rows(path, report):
         if isinstance(row, dict) and "Description" in row:
             values = _require(row, where, report, {"prompt": ("Description.Caption",)})
@@ -240,21 +248,15 @@ def load_generation_records(path: str, image_dir: str | None = None, limit: int 
         if values is None or not _with_image(values, "image", image_dir, where, report):
             continue
         values["id"], values["modality"] = str(values["id"]), str(values["modality"] or "all")
-        if values["id"] in seen:
-            report.skip("duplicate_id", where)
-            continue
-        seen.add(values["id"])
-        records.append(values)
-        if limit is not None and len(records) >= limit:
+        if records.add(values, where):
             break
-    report.rows_kept = len(records)
-    return records, report
+    return records.result()
 
 
 def load_i2i_records(path: str, image_dir: str | None = None, limit: int | None = None):
     """Image-to-image records `{id, image (source), target, instruction, task}` and an [`InputReport`]."""
     report, image_dir = InputReport(), image_dir or default_image_dir(path)
-    records, seen = [], set()
+    records = _UniqueRecords(report, limit)
     fields = {
         "id": ("id",),
         "image": ("image", "source"),
@@ -270,15 +272,9 @@ def load_i2i_records(path: str, image_dir: str | None = None, limit: int | None 
         ):
             continue
         values["id"], values["task"] = str(values["id"]), str(row.get("task") or "all")
-        if values["id"] in seen:
-            report.skip("duplicate_id", where)
-            continue
-        seen.add(values["id"])
-        records.append(values)
-        if limit is not None and len(records) >= limit:
+        if records.add(values, where):
             break
-    report.rows_kept = len(records)
-    return records, report
+    return records.result()
 
 
 __all__ = [

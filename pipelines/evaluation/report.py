@@ -8,8 +8,8 @@ from tqdm.auto import tqdm
 
 from .predictions import PredictionStore, load_run_config, open_run
 from .records import load_report_records
-from .runner import generate_answers, load_checkpoint, open_rgb, resolve_device_dtype
-from .summary import format_value, input_section, markdown_table, write_summary
+from .runner import generate_answers, in_batches, model_for_run, open_rgb, run_device_dtype
+from .summary import format_value, input_and_timing_lines, markdown_table, write_summary
 from .text_metrics import score_reports
 
 DEFAULT_REPORT_PROMPT = "Describe the findings of this medical image."
@@ -46,13 +46,7 @@ def _report_markdown(result: dict) -> str:
         f"Tokenisation: {TOKENISATION}. BLEU / ROUGE-L / METEOR in %, CIDEr-D as is.",
         "",
         markdown_table(["metric", "value", "n", "definition"], rows),
-        "",
-        "### Input",
-        "",
-        input_section(result["input"]),
-        "",
-        f"Wall time {result['timing']['wall_s']:.1f} s ({result['timing']['generated']} reports generated this run, "
-        f"{result['timing']['resumed']} resumed).",
+        *input_and_timing_lines(result, "reports"),
     ]
     return "\n".join(lines)
 
@@ -81,7 +75,7 @@ def evaluate_report(
     CIDEr-D and METEOR (when a local WordNet exists) and writes `metrics.json` / `summary.md`."""
     start = time.perf_counter()
     records, data_report = load_report_records(data, image_dir, max_images=max_images, limit=limit)
-    _, torch_dtype = resolve_device_dtype(device, dtype) if model is None else (None, model.dtype)
+    _, torch_dtype = run_device_dtype(model, device, dtype)
     settings = {
         "task": "report",
         "checkpoint": os.path.abspath(checkpoint),
@@ -96,10 +90,8 @@ def evaluate_report(
     todo = [record for record in records if record["id"] not in store]
     resumed = len(records) - len(todo)
     torch.manual_seed(seed)
-    if todo and model is None:
-        model, processor = load_checkpoint(checkpoint, device, dtype)
-    batches = [todo[index : index + batch_size] for index in range(0, len(todo), batch_size)]
-    for batch in tqdm(batches, desc="Reports", unit="batch", disable=not progress):
+    model, processor = model_for_run(model, processor, todo, checkpoint, device, dtype)
+    for batch in tqdm(in_batches(todo, batch_size), desc="Reports", unit="batch", disable=not progress):
         readable = []
         for record in batch:
             try:

@@ -30,6 +30,23 @@ def load_checkpoint(path: str, device: str = "auto", dtype: str = "auto"):
     return model.to(device).eval(), processor
 
 
+def run_device_dtype(model, device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a run: those of the given `model`, else those `load_checkpoint` will use."""
+    return (model.device, model.dtype) if model is not None else resolve_device_dtype(device, dtype)
+
+
+def model_for_run(model, processor, pending: list, checkpoint: str, device: str = "auto", dtype: str = "auto"):
+    """`(model, processor)`: the given ones, else loaded from `checkpoint` when `pending` work needs a model."""
+    if pending and model is None:
+        return load_checkpoint(checkpoint, device, dtype)
+    return model, processor
+
+
+def in_batches(items: list, batch_size: int) -> list[list]:
+    """`items` cut into consecutive batches of at most `batch_size`."""
+    return [items[index : index + batch_size] for index in range(0, len(items), batch_size)]
+
+
 def item_seed(seed: int, item_id: str, sample: int = 0) -> int:
     """A seed that depends only on the run seed, the item id and the sample index (not on batching or resume)."""
     return (seed * 1_000_003 + zlib.crc32(str(item_id).encode("utf-8")) * 101 + sample) % (2**63 - 1)
@@ -99,6 +116,9 @@ def generate_images(
 __all__ = [
     "resolve_device_dtype",
     "load_checkpoint",
+    "run_device_dtype",
+    "model_for_run",
+    "in_batches",
     "item_seed",
     "open_rgb",
     "generate_answers",

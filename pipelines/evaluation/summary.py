@@ -38,6 +38,21 @@ def input_section(data_report: dict) -> str:
     return "\n".join(lines)
 
 
+def input_and_timing_lines(result: dict, generated: str) -> list[str]:
+    """The closing Markdown lines of a summary: the input section and the wall time, with how many `generated`
+    items (e.g. "answers", "images") this run produced and how many were resumed from the predictions file."""
+    timing = result["timing"]
+    return [
+        "",
+        "### Input",
+        "",
+        input_section(result["input"]),
+        "",
+        f"Wall time {timing['wall_s']:.1f} s ({timing['generated']} {generated} generated this run, "
+        f"{timing['resumed']} resumed from the predictions file).",
+    ]
+
+
 def write_summary(output_dir: str, result: dict, markdown: str) -> dict:
     """Writes `metrics.json` (the full result) and `summary.md`; returns the paths written."""
     os.makedirs(output_dir, exist_ok=True)
@@ -49,4 +64,4 @@ def write_summary(output_dir: str, result: dict, markdown: str) -> dict:
     return paths
 
 
-__all__ = ["METRICS_NAME", "SUMMARY_NAME", "format_value", "markdown_table", "input_section", "write_summary"]
+__all__ = ["METRICS_NAME", "SUMMARY_NAME", "format_value", "markdown_table", "input_section", "input_and_timing_lines", "write_summary"]

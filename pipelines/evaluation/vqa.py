@@ -6,10 +6,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .predictions import PREDICTIONS_NAME, PredictionStore, load_run_config, open_run
+from .predictions import PredictionStore, load_run_config, open_run
 from .records import load_vqa_records
-from .runner import generate_answers, load_checkpoint, open_rgb, resolve_device_dtype
-from .summary import format_value, input_section, markdown_table, write_summary
+from .runner import generate_answers, in_batches, model_for_run, open_rgb, run_device_dtype
+from .summary import format_value, input_and_timing_lines, markdown_table, write_summary
 from .vqa_scoring import aggregate_vqa_scores
 
 DEFAULT_VQA_PROMPT = "{question}"
@@ -71,13 +71,7 @@ def _vqa_markdown(result: dict) -> str:
                 "",
                 markdown_table([group, "n", "closed", "open"] + _MAIN_METRICS, rows),
             ]
-    lines += ["", "### Input", "", input_section(result["input"])]
-    timing = result["timing"]
-    lines += [
-        "",
-        f"Wall time {timing['wall_s']:.1f} s ({timing['generated']} answers generated this run, "
-        f"{timing['resumed']} resumed from {PREDICTIONS_NAME}).",
-    ]
+    lines += input_and_timing_lines(result, "answers")
     return "\n".join(lines)
 
 
@@ -111,7 +105,7 @@ def evaluate_vqa(
     """
     start = time.perf_counter()
     records, data_report = load_vqa_records(data, image_dir, limit)
-    _, torch_dtype = resolve_device_dtype(device, dtype) if model is None else (None, model.dtype)
+    _, torch_dtype = run_device_dtype(model, device, dtype)
     settings = {
         "task": "vqa",
         "checkpoint": os.path.abspath(checkpoint),
@@ -125,10 +119,8 @@ def evaluate_vqa(
     todo = [record for record in records if record["id"] not in store]
     resumed = len(records) - len(todo)
     torch.manual_seed(seed)
-    if todo and model is None:
-        model, processor = load_checkpoint(checkpoint, device, dtype)
-    batches = [todo[index : index + batch_size] for index in range(0, len(todo), batch_size)]
-    for batch in tqdm(batches, desc="VQA", unit="batch", disable=not progress):
+    model, processor = model_for_run(model, processor, todo, checkpoint, device, dtype)
+    for batch in tqdm(in_batches(todo, batch_size), desc="VQA", unit="batch", disable=not progress):
         readable = []
         for record in batch:
             try:
