@@ -10,7 +10,6 @@ limited in size and pixels; errors are shown as one line without any server path
 import argparse
 import os
 import pathlib
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,13 +17,10 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor  # noqa: E402
+from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor, resolve_model_path  # noqa: E402
 from unimedvl_pipelines.cli import REPORT_PROMPT  # noqa: E402
 from unimedvl_pipelines.medical_images import ImageLoadError, load_medical_image  # noqa: E402
-
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from quickstart import resolve_model  # noqa: E402
+from unimedvl_pipelines.pipeline_unimedvl import postprocess_images  # noqa: E402
 
 
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -58,8 +54,8 @@ class UniMedVLDemo:
 
     @staticmethod
     def to_numpy(images: torch.Tensor) -> np.ndarray:
-        """`[1, 3, H, W]` in [-1, 1] → `[H, W, 3]` uint8, truncated as the original."""
-        return ((images[0] * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        """`[1, 3, H, W]` in [-1, 1] → `[H, W, 3]` uint8, quantised as the pipelines (and the original) do."""
+        return np.asarray(postprocess_images(images, "pil")[0])
 
     def ask(self, path: str | None, question: str, report: bool, max_new_tokens: int) -> str:
         image = self.load_upload(path)
@@ -139,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model_path(args.model)
     app = build_app(UniMedVLDemo(model_dir))
     app.queue(max_size=16).launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, show_error=True)
 

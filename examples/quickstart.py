@@ -17,11 +17,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor, default_model_path  # noqa: E402
+from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor, resolve_model_path  # noqa: E402
 from unimedvl_pipelines.medical_images import load_medical_image  # noqa: E402
+from unimedvl_pipelines.pipeline_unimedvl import postprocess_images  # noqa: E402
 
 
 QUESTION = "What modality is this image?"
@@ -29,14 +29,9 @@ PROMPT = "CT, axial, head"
 INSTRUCTION = "Increase the resolution of this image by a factor of two."
 
 
-def resolve_model(path: str | None) -> str:
-    """`path`, else UNIMEDVL_MODEL, else the shipped UniMedVL-Tiny folder."""
-    return path or os.environ.get("UNIMEDVL_MODEL") or default_model_path()
-
-
 def save_image(images: torch.Tensor, path: pathlib.Path) -> pathlib.Path:
-    pixels = ((images[0] * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(pixels).save(path)
+    """The first of `images` `[batch, 3, H, W]` in [-1, 1] as a PNG, quantised as the pipelines do."""
+    postprocess_images(images, "pil")[0].save(path)
     return path
 
 
@@ -50,7 +45,7 @@ def main() -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model_path(args.model)
     print(f"model: {model_dir}")
     model = UniMedVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = UniMedVLProcessor.from_pretrained(model_dir)

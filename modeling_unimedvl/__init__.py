@@ -10,7 +10,7 @@ from transformers import (
 )
 
 from .configuration_unimedvl import UniMedVLConfig
-from .default_model import default_model_path
+from .default_model import default_model_path, resolve_model_path
 from .image_processing_unimedvl import UniMedVLImageProcessor
 from .modeling_unimedvl import (
     UniMedVLForConditionalGeneration,
@@ -43,4 +43,5 @@ __all__ = [
     "UniMedVLPreTrainedModel",
     "UniMedVLProcessor",
     "default_model_path",
+    "resolve_model_path",
 ]

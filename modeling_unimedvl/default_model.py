@@ -32,4 +32,10 @@ def default_model_path() -> str:
     return DEFAULT_MODEL_DIR
 
 
-__all__ = ["DEFAULT_MODEL_DIR", "default_model_path"]
+def resolve_model_path(path: str | None = None) -> str:
+    """The model every entry point uses: `path` if given, else the environment variable UNIMEDVL_MODEL, else the
+    shipped UniMedVL-Tiny (`default_model_path()`, which raises FileNotFoundError when it is missing)."""
+    return path or os.environ.get("UNIMEDVL_MODEL") or default_model_path()
+
+
+__all__ = ["DEFAULT_MODEL_DIR", "default_model_path", "resolve_model_path"]

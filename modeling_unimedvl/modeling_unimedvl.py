@@ -19,7 +19,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2MLP,
@@ -35,6 +35,9 @@ from .configuration_unimedvl import UniMedVLConfig
 
 
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""Name of the KV cache in transformers' model outputs and in what `generate()` passes to `forward`: `cache` from
+transformers 5.24 on, `past_key_values` before. The forwards accept both names."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -252,18 +255,18 @@ class UniMedVLAttention(nn.Module):
         routing: TokenRouting,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         update_cache: bool = True,
         **kwargs,
     ) -> torch.Tensor:
         query, key, value = (self._project(hidden_states, routing, name) for name in ("q", "k", "v"))
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
+        if cache is not None:
             if update_cache:
-                key, value = past_key_values.update(key, value, self.layer_idx)
-            elif past_key_values.get_seq_length(self.layer_idx) > 0:
-                layer = past_key_values.layers[self.layer_idx]
+                key, value = cache.update(key, value, self.layer_idx)
+            elif cache.get_seq_length(self.layer_idx) > 0:
+                layer = cache.layers[self.layer_idx]
                 key = torch.cat([layer.keys, key], dim=2)
                 value = torch.cat([layer.values, value], dim=2)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -301,14 +304,14 @@ class UniMedVLDecoderLayer(GradientCheckpointingLayer):
         routing: TokenRouting,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         update_cache: bool = True,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = routing(hidden_states, self.input_layernorm, self.input_layernorm_moe_gen)
         hidden_states = self.self_attn(
-            hidden_states, routing, position_embeddings, attention_mask, past_key_values, update_cache, **kwargs
+            hidden_states, routing, position_embeddings, attention_mask, cache, update_cache, **kwargs
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
@@ -328,7 +331,7 @@ class UniMedVLPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["UniMedVLDecoderLayer", "SiglipEncoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -393,7 +396,7 @@ class UniMedVLTextModel(UniMedVLPreTrainedModel):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
         gen_token_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         update_cache: bool = True,
         **kwargs,
     ) -> BaseModelOutputWithPast:
@@ -407,12 +410,12 @@ class UniMedVLTextModel(UniMedVLPreTrainedModel):
                 routing,
                 position_embeddings,
                 attention_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 update_cache=update_cache,
                 **kwargs,
             )
         hidden_states = routing(hidden_states, self.norm, self.norm_moe_gen)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
 
 @dataclass
@@ -521,7 +524,7 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_hw: torch.Tensor | None = None,
@@ -536,7 +539,7 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         update_cache: bool = True,
         **kwargs,
     ) -> UniMedVLModelOutputWithPast:
-        """Runs one chunk of `input_ids` `[batch, seq]`, appended to `past_key_values` if given.
+        """Runs one chunk of `input_ids` `[batch, seq]`, appended to `cache` if given.
 
         `input_ids` always describe the chunk's structure (placeholders for image and latent tokens); `inputs_embeds`
         may replace their embeddings. Images come as ViT patches (`pixel_values` `[num_patches, 3*p*p]`,
@@ -552,7 +555,8 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         `(1 − t)·x_0 + t·ε`, so that sharded VAE weights (FSDP, ZeRO-3) are only used inside the forward; the clean
         latents come back as `clean_latents` for the flow-matching target `ε − x_0`.
         """
-        if sample_ids is not None and past_key_values is not None and past_key_values.get_seq_length() > 0:
+        cache = _cache_argument(cache, kwargs)
+        if sample_ids is not None and cache is not None and cache.get_seq_length() > 0:
             raise ValueError("`sample_ids` (packed samples) cannot be combined with a non-empty cache.")
         clean_latents = None
         if vae_pixel_values is not None and latents is None and (input_ids == self.config.latent_token_id).any():
@@ -564,7 +568,7 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
                     raise ValueError(f"`latent_noise` has shape {tuple(latent_noise.shape)}, the latents {tuple(latents.shape)}.")
                 clean_latents = latents
                 latents = noise_latents(clean_latents, latent_noise, latent_timesteps, latent_grid_hw.prod(-1))
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         noise = None
         if latent_timesteps is not None and (latent_timesteps > 0).any():
             noise = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -587,9 +591,9 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
             inputs_embeds = self.embed_inputs(
                 input_ids, pixel_values, image_grid_hw, latents, latent_grid_hw, latent_timesteps
             )
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.text_config)
-        kv_length = past_key_values.get_mask_sizes(input_ids.shape[1], 0)[0] if past_key_values is not None else input_ids.shape[1]
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        kv_length = cache.get_mask_sizes(input_ids.shape[1], 0)[0] if cache is not None else input_ids.shape[1]
         if not update_cache:
             kv_length = past_length + input_ids.shape[1]
         mask = build_attention_mask(
@@ -600,16 +604,22 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
             attention_mask=mask,
             position_ids=position_ids,
             gen_token_mask=gen_token_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             update_cache=update_cache,
             **kwargs,
         )
         return UniMedVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=past_key_values if use_cache or not update_cache else None,
             gen_token_mask=gen_token_mask,
             clean_latents=clean_latents,
+            **{CACHE_FIELD: cache if use_cache or not update_cache else None},
         )
+
+
+def _cache_argument(cache: Cache | None, kwargs: dict) -> Cache | None:
+    """The cache passed as `cache` (transformers ≥ 5.24) or as `past_key_values` (earlier releases, older callers)."""
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
 
 
 def _check_placeholder_count(kind: str, placeholders: int, features: int) -> None:
@@ -683,16 +693,13 @@ def _renorm_factor(reference: torch.Tensor, guided: torch.Tensor, dims: tuple[in
 
 
 @dataclass
-class UniMedVLCausalLMOutputWithPast(ModelOutput):
-    """`logits` `[batch, seq, vocab]`; `velocity` `[num_latent_tokens, 64]`: the flow prediction at every latent token;
-    `clean_latents` `[num_latent_tokens, 64]`: the latents before noising (training with `latent_noise`)."""
+class UniMedVLCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """transformers' causal-LM output (`loss`, `logits` `[batch, seq, vocab]`, the cache, `hidden_states`: the last
+    layer's `[batch, seq, hidden]`) plus `velocity` `[num_latent_tokens, 64]`: the flow prediction at every latent
+    token, and `clean_latents` `[num_latent_tokens, 64]`: the latents before noising (training with `latent_noise`)."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
     velocity: torch.Tensor | None = None
     clean_latents: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: torch.Tensor | None = None
 
 
 @dataclass
@@ -735,7 +742,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_grid_hw: torch.Tensor | None = None,
@@ -752,11 +759,12 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         **kwargs,
     ) -> UniMedVLCausalLMOutputWithPast:
         """See [`UniMedVLModel.forward`]. `labels` `[batch, seq]` (-100 = ignored) give a next-token cross-entropy."""
+        cache = _cache_argument(cache, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             image_grid_hw=image_grid_hw,
@@ -784,8 +792,8 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             logits=logits,
             velocity=velocity,
             clean_latents=outputs.clean_latents,
-            past_key_values=outputs.past_key_values,
             hidden_states=hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
     # ------------------------------------------------------------------ text generation (GenerationMixin hooks)
@@ -800,13 +808,13 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         """The model builds its block masks itself from the 2-D padding mask."""
         return attention_mask
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
+        """The library's preparation (it receives the cache under the name of the installed transformers); image
+        inputs are dropped after the prefill."""
         if not is_first_iteration and kwargs.get("use_cache", True):
             for key in ("vae_pixel_values", "latents", "latent_grid_hw", "latent_timesteps", "image_grid_hw"):
                 kwargs.pop(key, None)
-        return super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
-        )
+        return super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
 
     @torch.no_grad()
     def generate(self, inputs=None, generation_mode: str = "text", **kwargs):
@@ -948,7 +956,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         mask = torch.cat([nn.functional.pad(r[2], (length - r[2].shape[1], 0)) for r in rows])
         cache = DynamicCache(config=config.text_config)
         if length > 0:
-            self.model(input_ids=ids, attention_mask=mask, inputs_embeds=emb, past_key_values=cache, use_cache=True)
+            self.model(input_ids=ids, attention_mask=mask, inputs_embeds=emb, cache=cache, use_cache=True)
         next_position = sequence_structure(ids, config, mask).next_position
         batch = input_ids.shape[0]
         return {"caches": {3 * batch: cache}, "attention_mask": mask, "next_position": next_position, "batch": batch}
@@ -971,7 +979,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             input_ids=block_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             latents=latents.repeat(branches, 1, 1).reshape(rows * num_tokens, -1),
             latent_grid_hw=grid,
             latent_timesteps=torch.full((rows,), sigma, device=latents.device),

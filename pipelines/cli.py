@@ -23,7 +23,7 @@ import os
 import sys
 
 import torch
-from modeling_unimedvl import default_model_path
+from modeling_unimedvl import default_model
 
 from .evaluation.cli import register_eval_command
 
@@ -48,12 +48,10 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def resolve_model_path(args) -> str:
     """`--model`, else the environment variable UNIMEDVL_MODEL, else the shipped UniMedVL-Tiny."""
-    path = args.model or os.environ.get("UNIMEDVL_MODEL")
-    if path is None:
-        try:
-            return default_model_path()
-        except FileNotFoundError as error:
-            raise CommandError(f"no model given and {error}") from None
+    try:
+        path = default_model.resolve_model_path(args.model)
+    except FileNotFoundError as error:
+        raise CommandError(f"no model given and {error}") from None
     if os.path.sep in path and not os.path.isdir(path):
         raise CommandError(f"{path}: no such model folder.")
     return path

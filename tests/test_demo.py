@@ -22,7 +22,7 @@ import app as demo_app  # noqa: E402
 @pytest.fixture(scope="module")
 def demo():
     """The demo on its default model, the shipped UniMedVL-Tiny."""
-    return demo_app.UniMedVLDemo(demo_app.resolve_model(None))
+    return demo_app.UniMedVLDemo(demo_app.resolve_model_path())
 
 
 def _direct_answer(demo, prompt, max_new_tokens):

@@ -36,6 +36,8 @@ import time
 
 from PIL import Image
 
+from .run_tiny_curriculum import read_jsonl, sr_pair, summarize, write_jsonl
+
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ IMAGE_TRANSFORMS = {
     "generation_vae": [IMAGE_SIZE, 32, 16, IMAGE_SIZE * IMAGE_SIZE],
 }
 """(max long side, min short side, stride, max pixels): ViT images ≤ 112 px, generation images ≤ 64 px."""
+SR_TRANSFORM = tuple(IMAGE_TRANSFORMS["generation_vae"])
+"""Size rule of the super-resolution pairs: the generation size."""
 
 TEXT_CONFIG = {
     "hidden_size": 128,
@@ -134,18 +138,6 @@ def norm_plane(row: dict) -> str:
 def label_prompt(row: dict) -> str:
     """Short generation prompt from MedPix labels, e.g. `CT, axial, head`."""
     return f"{row['Type']}, {norm_plane(row)}, {norm_region(row)}"
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def write_jsonl(path: str, rows: list[dict]) -> str:
-    with open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    return path
 
 
 def medpix_rows(data_dir: str, split: str) -> list[dict]:
@@ -255,19 +247,26 @@ def vae_config(scaling_factor: float = 1.0, shift_factor: float = 0.0) -> dict:
     return config
 
 
-def load_square_images(paths: list[str], size: int = IMAGE_SIZE):
-    """`[n, 3, size, size]` float tensor in [-1, 1] (RGB, bicubic resize to a square)."""
+def square_pixels(images, size: int = IMAGE_SIZE):
+    """`[n, 3, size, size]` float tensor in [-1, 1] of PIL images (any iterable; RGB, bicubic resize to a square)."""
     import numpy as np
     import torch
 
     from modeling_unimedvl.image_processing_unimedvl import to_rgb
 
-    arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            arrays.append(np.asarray(to_rgb(image).resize((size, size), Image.BICUBIC), dtype=np.uint8))
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return pixels / 127.5 - 1.0
+    arrays = np.stack([np.asarray(to_rgb(image).resize((size, size), Image.BICUBIC), dtype=np.uint8) for image in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def load_square_images(paths: list[str], size: int = IMAGE_SIZE):
+    """`square_pixels` of the image files at `paths` (each file is open only while it is resized)."""
+
+    def opened():
+        for path in paths:
+            with Image.open(path) as image:
+                yield image
+
+    return square_pixels(opened(), size)
 
 
 def vae_image_paths(data_dir: str, split: str) -> list[str]:
@@ -524,23 +523,6 @@ def _resized_copy(source: str, target: str, long_side: int) -> str:
     return target
 
 
-def sr_pair(source: str, out_dir: str, name: str) -> tuple[str, str]:
-    """The 2× super-resolution pair of one image at the generation size: (low-res input upscaled back, target)."""
-    from modeling_unimedvl.image_processing_unimedvl import target_size
-
-    target_path = os.path.join(out_dir, f"{name}_hr.png")
-    input_path = os.path.join(out_dir, f"{name}_lr.png")
-    if not (os.path.isfile(target_path) and os.path.isfile(input_path)):
-        with Image.open(source) as image:
-            image = image.convert("L")
-            size = target_size(*image.size, tuple(IMAGE_TRANSFORMS["generation_vae"]))
-            target = image.resize(size, Image.BICUBIC)
-        low = target.resize((size[0] // 2, size[1] // 2), Image.BICUBIC).resize(size, Image.BICUBIC)
-        target.save(target_path)
-        low.save(input_path)
-    return input_path, target_path
-
-
 def augmented_copies(source: str, out_dir: str, name: str, count: int, seed: int) -> list[str]:
     """`count` views of one training image for the understanding questions, ≤ 112 px: the whole image, then random
     crops (80–100 % of each side) with random horizontal flips (labels — modality, region, plane — are invariant)."""
@@ -603,7 +585,9 @@ def build_data(data_dir: str, out_dir: str, num_sr: int, seed: int, num_views: i
     chosen = rng.sample(medpix, min(num_sr, len(medpix)))
     sr = []
     for row in chosen:
-        low, high = sr_pair(os.path.join(medpix_images, f"{row['image']}.png"), os.path.join(out_dir, "sr"), row["image"])
+        low, high = sr_pair(
+            os.path.join(medpix_images, f"{row['image']}.png"), os.path.join(out_dir, "sr"), row["image"], SR_TRANSFORM
+        )
         sr.append(
             {
                 "main_task_type": "image_editing",
@@ -712,12 +696,6 @@ def _without_auto_map(content):
     return content
 
 
-def summarize_stage(name: str, final_dir: str) -> dict:
-    from .run_tiny_curriculum import summarize
-
-    return summarize(name, final_dir)
-
-
 def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -812,7 +790,7 @@ def main(argv=None) -> dict:
         "seed": args.seed,
         "timings_s": timings,
         "vae": {k: v for k, v in vae_report.items() if k != "history"},
-        "stages": [summarize_stage(f"stage{i + 1}", f) for i, f in enumerate(finals)],
+        "stages": [summarize(f"stage{i + 1}", f) for i, f in enumerate(finals)],
         "final": final,
         "use_ema": args.ema,
         "torch_threads": torch.get_num_threads(),

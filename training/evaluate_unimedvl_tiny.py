@@ -29,6 +29,7 @@ from PIL import Image
 
 from .build_unimedvl_tiny import (
     IMAGE_SIZE,
+    SR_TRANSFORM,
     MODALITY_QUESTION,
     PLANE_QUESTION,
     REGION_QUESTION,
@@ -36,11 +37,12 @@ from .build_unimedvl_tiny import (
     SR_INSTRUCTION,
     label_prompt,
     load_square_images,
+    square_pixels,
     medpix_questions,
     medpix_rows,
     norm_region,
-    sr_pair,
 )
+from .run_tiny_curriculum import sr_pair
 
 
 REGION_NAMES = list(REGIONS.values())
@@ -174,14 +176,6 @@ def classify(classifier, pixels):
     return torch.cat([o[0] for o in outputs]).argmax(-1), torch.cat([o[1] for o in outputs]).argmax(-1)
 
 
-def pil_to_tensor(images: list[Image.Image]):
-    import numpy as np
-    import torch
-
-    arrays = np.stack([np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)) for image in images])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Evaluations
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,21 +261,20 @@ def text_to_image(model, processor, classifier, data_dir: str, output_dir: str, 
     sampling settings without touching dev)."""
     import torch
 
-    from unimedvl_pipelines.evaluation.runner import generate_images, item_seed
+    from unimedvl_pipelines.evaluation.runner import generate_images, in_batches, item_seed
 
     rows = medpix_rows(data_dir, split)[:limit]
     images_dir = os.path.join(output_dir, "t2i")
     os.makedirs(images_dir, exist_ok=True)
     images = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
+    for batch in in_batches(rows, batch_size):
         prompts = [label_prompt(row) for row in batch]
         seeds = [item_seed(seed, row["image"]) for row in batch]
         generated = generate_images(model, processor, prompts, seeds, dict(sampling, height=IMAGE_SIZE, width=IMAGE_SIZE))
         for row, image in zip(batch, generated):
             image.save(os.path.join(images_dir, f"{row['image']}.png"))
         images += generated
-    pixels = pil_to_tensor(images)
+    pixels = square_pixels(images)
     predicted_modality, predicted_region = classify(classifier, pixels)
     modality, region = medpix_labels(rows)
     train_modality, train_region = medpix_labels(medpix_rows(data_dir, "train"))
@@ -301,37 +294,40 @@ def text_to_image(model, processor, classifier, data_dir: str, output_dir: str, 
     }
 
 
-def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int, count: int, sampling: dict, batch_size: int) -> dict:
+def grey_tensor(image: Image.Image):
+    """`[1, H, W]` float32 grey values in 0–255 (the scale `psnr_ssim` takes with its default data range)."""
+    import numpy as np
     import torch
 
+    return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32))[None]
+
+
+def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int, count: int, sampling: dict, batch_size: int) -> dict:
     from unimedvl_pipelines.evaluation.image_metrics import psnr_ssim
-    from unimedvl_pipelines.evaluation.runner import generate_images, item_seed
+    from unimedvl_pipelines.evaluation.runner import generate_images, in_batches, item_seed
 
     rows = medpix_rows(data_dir, "dev")
     pairs_dir = os.path.join(output_dir, "sr_pairs")
     os.makedirs(pairs_dir, exist_ok=True)
     pairs = []
     for row in rows:
-        low, high = sr_pair(os.path.join(data_dir, "medpix", "images", f"{row['image']}.png"), pairs_dir, row["image"])
+        low, high = sr_pair(os.path.join(data_dir, "medpix", "images", f"{row['image']}.png"), pairs_dir, row["image"], SR_TRANSFORM)
         with Image.open(low) as image_low, Image.open(high) as image_high:
             if image_low.size == (IMAGE_SIZE, IMAGE_SIZE):  # one batch size for all conditions
                 pairs.append((row["image"], image_low.convert("RGB"), image_high.convert("L")))
         if len(pairs) >= count:
             break
     model_scores, bicubic_scores = [], []
-    for start in range(0, len(pairs), batch_size):
-        batch = pairs[start : start + batch_size]
+    for batch in in_batches(pairs, batch_size):
         outputs = generate_images(
             model, processor, [SR_INSTRUCTION] * len(batch), [item_seed(seed, name) for name, _, _ in batch], sampling,
             conditions=[low for _, low, _ in batch],
         )
         for (name, low, high), output in zip(batch, outputs):
             output.save(os.path.join(pairs_dir, f"{name}_model.png"))
-            target = torch.from_numpy(__import__("numpy").asarray(high, dtype="float32"))[None]
-            gray = torch.from_numpy(__import__("numpy").asarray(output.convert("L"), dtype="float32"))[None]
-            bicubic = torch.from_numpy(__import__("numpy").asarray(low.convert("L"), dtype="float32"))[None]
-            model_scores.append(psnr_ssim(gray, target))
-            bicubic_scores.append(psnr_ssim(bicubic, target))
+            target = grey_tensor(high)
+            model_scores.append(psnr_ssim(grey_tensor(output), target))
+            bicubic_scores.append(psnr_ssim(grey_tensor(low), target))
 
     def mean(scores, index):
         return sum(s[index] for s in scores) / max(1, len(scores))

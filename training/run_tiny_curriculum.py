@@ -25,6 +25,11 @@ IMAGE_TRANSFORMS = {
 """Small training resolutions: ViT images ≤ 112 px, generation images 64–128 px."""
 
 
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def write_jsonl(path: str, rows: list[dict]) -> str:
     with open(path, "w") as handle:
         for row in rows:
@@ -32,10 +37,27 @@ def write_jsonl(path: str, rows: list[dict]) -> str:
     return path
 
 
-def build_data(data_dir: str, out_dir: str, num_sr: int) -> dict:
-    """Writes the three JSONL files (UniMedVL line format) and the super-resolution inputs; returns the `data:` config."""
+def sr_pair(source: str, out_dir: str, name: str, transform: tuple[int, int, int, int]) -> tuple[str, str]:
+    """The 2× super-resolution pair of one image, written once to `out_dir`: `(input, target)` paths, where the target
+    is the grey image at its generation size under `transform` (the processor's VAE transform) and the input is that
+    image downscaled 2× and upscaled back (bicubic)."""
     from modeling_unimedvl.image_processing_unimedvl import target_size
 
+    target_path = os.path.join(out_dir, f"{name}_hr.png")
+    input_path = os.path.join(out_dir, f"{name}_lr.png")
+    if not (os.path.isfile(target_path) and os.path.isfile(input_path)):
+        with Image.open(source) as image:
+            image = image.convert("L")
+            size = target_size(*image.size, transform)
+            target = image.resize(size, Image.BICUBIC)
+        low = target.resize((size[0] // 2, size[1] // 2), Image.BICUBIC).resize(size, Image.BICUBIC)
+        target.save(target_path)
+        low.save(input_path)
+    return input_path, target_path
+
+
+def build_data(data_dir: str, out_dir: str, num_sr: int) -> dict:
+    """Writes the three JSONL files (UniMedVL line format) and the super-resolution inputs; returns the `data:` config."""
     os.makedirs(os.path.join(out_dir, "sr"), exist_ok=True)
     with open(os.path.join(data_dir, "vqa_rad", "trainset.json")) as handle:
         vqa = json.load(handle)
@@ -49,8 +71,7 @@ def build_data(data_dir: str, out_dir: str, num_sr: int) -> dict:
         }
         for row in vqa
     ]
-    with open(os.path.join(data_dir, "medpix", "descriptions_train.jsonl")) as handle:
-        medpix = [json.loads(line) for line in handle if line.strip()]
+    medpix = read_jsonl(os.path.join(data_dir, "medpix", "descriptions_train.jsonl"))
     t2i_rows = [
         {
             "main_task_type": "generation",
@@ -64,15 +85,10 @@ def build_data(data_dir: str, out_dir: str, num_sr: int) -> dict:
     ]
     sr_rows = []
     for row in medpix[:num_sr]:
-        with Image.open(os.path.join(data_dir, "medpix", "images", f"{row['image']}.png")) as image:
-            image = image.convert("L")
-            size = target_size(*image.size, tuple(IMAGE_TRANSFORMS["generation_vae"]))
-            target = image.resize(size, Image.BICUBIC)
-        low = target.resize((size[0] // 2, size[1] // 2), Image.BICUBIC).resize(size, Image.BICUBIC)
-        target_path = os.path.join(out_dir, "sr", f"{row['image']}_hr.png")
-        input_path = os.path.join(out_dir, "sr", f"{row['image']}_lr.png")
-        target.save(target_path)
-        low.save(input_path)
+        input_path, target_path = sr_pair(
+            os.path.join(data_dir, "medpix", "images", f"{row['image']}.png"), os.path.join(out_dir, "sr"), row["image"],
+            tuple(IMAGE_TRANSFORMS["generation_vae"]),
+        )
         sr_rows.append(
             {
                 "main_task_type": "image_editing",

@@ -7,6 +7,8 @@ from PIL import Image
 
 import modeling_unimedvl
 
+from ..pipeline_unimedvl import postprocess_images
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,12 +82,6 @@ def initial_noise(model, seeds: list[int], height: int, width: int) -> torch.Ten
     return torch.cat(rows)
 
 
-def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
-    """`[B, 3, H, W]` in [-1, 1] -> PIL RGB images, quantised as the original pipeline (truncation to uint8)."""
-    pixels = ((images.float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(array) for array in pixels]
-
-
 @torch.no_grad()
 def generate_images(
     model, processor, prompts: list[str], seeds: list[int], sampling: dict, conditions: list[Image.Image] | None = None
@@ -110,7 +106,7 @@ def generate_images(
     output = model.generate(
         **inputs, generation_mode="image", height=height, width=width, latents=latents, generator=generator, **settings
     )
-    return to_pil_images(output.images)
+    return postprocess_images(output.images, "pil")
 
 
 __all__ = [
@@ -123,6 +119,5 @@ __all__ = [
     "open_rgb",
     "generate_answers",
     "initial_noise",
-    "to_pil_images",
     "generate_images",
 ]
