@@ -1,6 +1,11 @@
 """UniMedVL for transformers: importing this package registers the classes with the `Auto*` API."""
 
-from transformers import (
+from .logging_filters import silence_optional_kernel_notice
+
+
+silence_optional_kernel_notice()  # before diffusers imports bitsandbytes: importing the package prints nothing
+
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -9,7 +14,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_unimedvl import UniMedVLConfig
+from .configuration_unimedvl import UniMedVLConfig  # noqa: E402
 from .default_model import default_model_path, resolve_model_path
 from .image_processing_unimedvl import UniMedVLImageProcessor
 from .modeling_unimedvl import (

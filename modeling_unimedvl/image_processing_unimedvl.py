@@ -39,12 +39,20 @@ def target_size(width: int, height: int, transform: tuple[int, int, int, int]) -
     return new_width, new_height
 
 
+IMAGE_MODES = ("understanding", "interleave_understanding", "generation")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of a PIL image; transparency is composited on white as in the original."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
+    """RGB copy of a PIL image, as the original's `pil_img2rgb`: an RGBA image, or one with a `transparency` entry
+    (palette or single-colour transparency), is pasted on white through its alpha; every other mode goes through
+    PIL's `convert("RGB")`, so the alpha of LA / PA images is dropped and 16-bit, 32-bit integer and float images are
+    clipped to 0…255 (float values truncated) as PIL converts them. Medical windowing is
+    `unimedvl_pipelines.load_medical_image`'s explicit job, never this default."""
+    if image.mode == "RGBA" or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
     return image.convert("RGB")
 
 
@@ -59,6 +67,12 @@ class UniMedVLImageProcessor(BaseImageProcessor):
     Conditioning images of image generation (`mode="generation"`): every image is resized with
     `generation_vae_transform` → `vae_pixel_values` (a list of `[3, H, W]` tensors); that resized image is resized
     again with `generation_vit_transform` for the ViT inputs.
+
+    Understanding as the original's `InterleaveInferencer` does it (`mode="interleave_understanding"`, the editing
+    flow's answer step): the same two resizes as `"generation"`, ViT inputs only (a 256² image becomes 392², 28×28
+    patches, where the VQA transform gives 378², 27×27).
+
+    Images are converted to RGB as the original does (`to_rgb`).
 
     Args:
         understanding_transform, generation_vit_transform, generation_vae_transform (`tuple[int, int, int, int]`):
@@ -85,7 +99,8 @@ class UniMedVLImageProcessor(BaseImageProcessor):
         self.max_image_pixels = max_image_pixels
 
     def load(self, image) -> Image.Image:
-        """A PIL RGB image from PIL, a `[H, W(, C)]` uint8/float array or a `[C, H, W]` tensor in [0, 1] / [0, 255]."""
+        """A PIL RGB image (`to_rgb`) from PIL, a `[H, W(, C)]` uint8/float array or a `[C, H, W]` tensor in [0, 1] /
+        [0, 255] (other values are clipped to that range; NaN / inf are refused)."""
         if isinstance(image, torch.Tensor):
             image = image.detach().cpu().numpy()
             if image.ndim == 3 and image.shape[0] in (1, 3, 4):
@@ -122,15 +137,17 @@ class UniMedVLImageProcessor(BaseImageProcessor):
         return patches.reshape(-1, p * p * channels), [height // p, width // p]
 
     def preprocess(self, images, mode: str = "understanding", **kwargs) -> BatchFeature:
-        if mode not in ("understanding", "generation"):
-            raise ValueError(f"mode must be 'understanding' or 'generation', got {mode!r}.")
+        """`images` → `pixel_values` / `image_grid_hw` (and `vae_pixel_values` in `"generation"` mode); see the class."""
+        if mode not in IMAGE_MODES:
+            raise ValueError(f"mode must be one of {IMAGE_MODES}, got {mode!r}.")
         images = images if isinstance(images, (list, tuple)) else [images]
         patches, grids, vae_pixels = [], [], []
         for image in images:
             image = self.load(image)
-            if mode == "generation":
+            if mode in ("generation", "interleave_understanding"):
                 image = self.resize(image, self.generation_vae_transform)
-                vae_pixels.append(self.to_tensor(image))
+                if mode == "generation":
+                    vae_pixels.append(self.to_tensor(image))
                 vit_image = self.resize(image, self.generation_vit_transform)
             else:
                 vit_image = self.resize(image, self.understanding_transform)
@@ -153,10 +170,12 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         raise ValueError(f"Unsupported image array shape {array.shape}; expected [H, W], [H, W, 3] or [H, W, 4].")
     if array.dtype != np.uint8:
         array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError("The image array holds NaN or infinite values.")
         if array.max() <= 1.0 and array.min() >= 0.0:
             array = array * 255.0
         array = np.clip(np.round(array), 0, 255).astype(np.uint8)
     return Image.fromarray(array)
 
 
-__all__ = ["UniMedVLImageProcessor", "target_size", "to_rgb"]
+__all__ = ["UniMedVLImageProcessor", "IMAGE_MODES", "target_size", "to_rgb"]

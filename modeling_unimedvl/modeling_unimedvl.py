@@ -6,6 +6,7 @@ values meet in one joint attention. Text is causal; an image block (`<|vision_st
 bidirectional inside and shares one RoPE position; a noised image block is invisible to later tokens.
 """
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, Qwen2Config, SiglipVisionConfig
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, Qwen2Config, SiglipVisionConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -32,12 +33,29 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 from transformers.utils import ModelOutput
 
 from .configuration_unimedvl import UniMedVLConfig
+from .loading_checks import checked_model_from_pretrained
+from .sampling_unimedvl import (
+    check_finite_number,
+    check_sampler_arguments,
+    combine_cfg_velocity,
+    euler_step,
+    generators_on,
+    guided_steps,
+    initial_noise,
+    vae_precision,
+)
 
 
-CFG_RENORM_TYPES = ("global", "channel", "text_channel")
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 """Name of the KV cache in transformers' model outputs and in what `generate()` passes to `forward`: `cache` from
 transformers 5.24 on, `past_key_values` before. The forwards accept both names."""
+
+
+def cast_to_compute_dtype(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`tensor` in the dtype of `module`'s floating-point weight (a module kept in float32 under float16 loading); a
+    quantized weight (uint8 / int8 storage) leaves it as it is, since bitsandbytes layers cast to their compute dtype."""
+    weight = module.weight
+    return tensor.to(weight.dtype) if weight.is_floating_point() else tensor
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -75,14 +93,25 @@ class SequenceStructure:
 
     `position_ids`: RoPE positions (every token of an image block shares one); `block_ids`: index of the image block a
     token belongs to, -1 for text; `noise_mask`: tokens of noised image blocks; `gen_token_mask`: latent tokens, routed
-    to the generation expert; `next_position`: `[batch]` RoPE position that the next token would get.
+    to the generation expert; `latent_block_mask`: every token of a latent (VAE) image block, its `<|vision_start|>` /
+    `<|vision_end|>` included (the chunks the original runs in its "gen" mode); `next_position`: `[batch]` RoPE
+    position that the next token would get.
     """
 
     position_ids: torch.Tensor
     block_ids: torch.Tensor
     noise_mask: torch.Tensor
     gen_token_mask: torch.Tensor
+    latent_block_mask: torch.Tensor
     next_position: torch.Tensor
+
+
+def _whole_blocks(token_mask: torch.Tensor, block_ids: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Every token of the image blocks that hold at least one token of `token_mask` (all `[batch, seq]`)."""
+    slots = block_ids.clamp(min=0)  # a block index is below the sequence length
+    held = torch.zeros(block_ids.shape, dtype=torch.long, device=block_ids.device)
+    held.scatter_reduce_(1, slots, (token_mask & inside).long(), reduce="amax")
+    return inside & held.gather(1, slots).bool()
 
 
 def sequence_structure(
@@ -102,19 +131,39 @@ def sequence_structure(
     inside = (opened - is_end.long().cumsum(-1) + is_end.long()) > 0
     block_ids = torch.where(inside, opened - 1, -1)
     gen_token_mask = input_ids == config.latent_token_id
-
+    latent_block_mask = _whole_blocks(gen_token_mask, block_ids, inside)
     noise_mask = torch.zeros_like(inside)
-    if latent_noise_mask is not None and latent_noise_mask.any():
-        num_blocks = int(opened.max()) + 1
-        noisy_block = torch.zeros(input_ids.shape[0], num_blocks, dtype=torch.long, device=input_ids.device)
-        noisy_block.scatter_reduce_(1, block_ids.clamp(min=0), latent_noise_mask.long(), reduce="amax")
-        noise_mask = inside & noisy_block.gather(1, block_ids.clamp(min=0)).bool()
+    if latent_noise_mask is not None:
+        noise_mask = _whole_blocks(latent_noise_mask.bool(), block_ids, inside)
 
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(inside)
     advances = real & (~inside | (is_end & ~noise_mask))
     cumulative = advances.long().cumsum(-1)
     position_ids = (cumulative - advances.long()).masked_fill(~real, 0)
-    return SequenceStructure(position_ids, block_ids, noise_mask, gen_token_mask, cumulative[:, -1])
+    return SequenceStructure(position_ids, block_ids, noise_mask, gen_token_mask, latent_block_mask, cumulative[:, -1])
+
+
+def cfg_context_masks(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: UniMedVLConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tokens of `input_ids` `[batch, seq]` form the two guidance contexts of image generation, as the original's
+    `interleave_inference` builds them (bool masks `[batch, seq]`).
+
+    Text guidance: the context as it stood when it was last copied, which happens before every text segment and after
+    every image (its VAE and ViT blocks): everything before the last text segment, or everything up to the last image
+    when that came later (an image given last makes the text-guidance context the full one). Image guidance: every
+    text segment, no image (the think system prompt included in both).
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    real = attention_mask.bool()
+    in_image = sequence_structure(input_ids, config, attention_mask).block_ids >= 0
+    index = torch.arange(input_ids.shape[1], device=input_ids.device)
+    text_starts = (input_ids == config.bos_token_id) & real & ~in_image
+    image_ends = (input_ids == config.vision_end_token_id) & real
+    last_text = torch.where(text_starts, index, -1).amax(dim=1, keepdim=True)
+    after_last_image = torch.where(image_ends, index + 1, 0).amax(dim=1, keepdim=True)
+    return index < torch.maximum(last_text, after_last_image), real & ~in_image
 
 
 def build_attention_mask(
@@ -201,7 +250,7 @@ class UniMedVLVisionEmbeddings(nn.Module):
 
     def forward(self, patches: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """`patches` `[num_patches, 3 * p * p]`, `position_ids` `[num_patches]` → `[num_patches, hidden]`."""
-        embeddings = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
+        embeddings = self.patch_embedding(cast_to_compute_dtype(patches, self.patch_embedding))
         return embeddings + self.position_embedding(position_ids)
 
 
@@ -215,7 +264,7 @@ class UniMedVLConnector(nn.Module):
         self.fc2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(features)))
+        return self.fc2(self.act(self.fc1(cast_to_compute_dtype(features, self.fc1))))
 
 
 class UniMedVLAttention(nn.Module):
@@ -241,13 +290,36 @@ class UniMedVLAttention(nn.Module):
             setattr(self, f"k_norm{suffix}", Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps))
 
     def _project(self, hidden_states: torch.Tensor, routing: TokenRouting, name: str) -> torch.Tensor:
-        """Per-expert projection then per-head RMS norm: `[batch, seq, hidden]` → `[batch, heads, seq, head_dim]`."""
+        """Per-expert projection: `[batch, seq, hidden]` → `[batch, seq, heads, head_dim]`."""
         proj, proj_gen = getattr(self, f"{name}_proj"), getattr(self, f"{name}_proj_moe_gen")
-        states = routing(hidden_states, proj, proj_gen)
-        states = states.view(*hidden_states.shape[:2], -1, self.head_dim)
-        if name != "v":
-            states = routing(states, getattr(self, f"{name}_norm"), getattr(self, f"{name}_norm_moe_gen"))
-        return states.transpose(1, 2)
+        return routing(hidden_states, proj, proj_gen).view(*hidden_states.shape[:2], -1, self.head_dim)
+
+    def _norm_and_rotate(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        routing: TokenRouting,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        float32_qk_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert q/k RMS norms, then RoPE: `[batch, seq, heads, head_dim]` → `[batch, heads, seq, head_dim]`.
+
+        Tokens of `float32_qk_mask` `[batch, seq]` compute both in float32 and round once to the model's dtype, as the
+        original does for the chunks of its "gen" mode (VAE blocks) under bfloat16; the other tokens stay in the
+        model's dtype throughout, as its "und" mode.
+        """
+        cos, sin = position_embeddings
+
+        def normed(states: torch.Tensor, name: str) -> torch.Tensor:
+            norm, norm_gen = getattr(self, f"{name}_norm"), getattr(self, f"{name}_norm_moe_gen")
+            return routing(states, norm, norm_gen).transpose(1, 2)
+
+        rotated = apply_rotary_pos_emb(normed(query, "q"), normed(key, "k"), cos, sin)
+        if float32_qk_mask is None:
+            return rotated
+        rotated_float32 = apply_rotary_pos_emb(normed(query.float(), "q"), normed(key.float(), "k"), cos, sin)
+        select = float32_qk_mask[:, None, :, None]
+        return tuple(torch.where(select, full.to(low.dtype), low) for full, low in zip(rotated_float32, rotated))
 
     def forward(
         self,
@@ -257,11 +329,12 @@ class UniMedVLAttention(nn.Module):
         attention_mask: torch.Tensor,
         cache: Cache | None = None,
         update_cache: bool = True,
+        float32_qk_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         query, key, value = (self._project(hidden_states, routing, name) for name in ("q", "k", "v"))
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = self._norm_and_rotate(query, key, routing, position_embeddings, float32_qk_mask)
+        value = value.transpose(1, 2)
         if cache is not None:
             if update_cache:
                 key, value = cache.update(key, value, self.layer_idx)
@@ -338,6 +411,12 @@ class UniMedVLPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses damaged folders (pickled-only or broken safetensors, missing or
+        mis-shaped weights, NaN/inf values) with an error naming the file and key; see `loading_checks`."""
+        return checked_model_from_pretrained(super().from_pretrained, cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -363,6 +442,7 @@ class UniMedVLVisionModel(UniMedVLPreTrainedModel):
         """`pixel_values` `[num_patches, 3 * p * p]` of images with `image_grid_hw` `[num_images, 2]` → `[num_patches, hidden]`."""
         grid_side = self.config.image_size // self.config.patch_size
         embeddings = self.embeddings(pixel_values, grid_position_ids(image_grid_hw, grid_side))
+        embeddings = cast_to_compute_dtype(embeddings, self.post_layernorm)  # float32 embeddings, float16 encoder
         lengths = (image_grid_hw[:, 0] * image_grid_hw[:, 1]).tolist()
         sequences = list(embeddings.split(lengths))
         padded = nn.utils.rnn.pad_sequence(sequences, batch_first=True)
@@ -398,11 +478,18 @@ class UniMedVLTextModel(UniMedVLPreTrainedModel):
         gen_token_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         update_cache: bool = True,
+        latent_block_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """`inputs_embeds` `[batch, seq, hidden]`, 4-D additive `attention_mask`, `position_ids` `[batch, seq]`."""
+        """`inputs_embeds` `[batch, seq, hidden]`, 4-D additive `attention_mask`, `position_ids` `[batch, seq]`.
+
+        `latent_block_mask` `[batch, seq]` marks the tokens of latent (VAE) image blocks: in inference below float32
+        their q/k norms and RoPE run in float32, as in the original's "gen" mode.
+        """
         routing = TokenRouting(gen_token_mask)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        in_gen_mode = routing.gen_index is not None and not self.training and inputs_embeds.dtype != torch.float32
+        float32_qk_mask = latent_block_mask if in_gen_mode else None
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(
@@ -412,6 +499,7 @@ class UniMedVLTextModel(UniMedVLPreTrainedModel):
                 attention_mask,
                 cache=cache,
                 update_cache=update_cache,
+                float32_qk_mask=float32_qk_mask,
                 **kwargs,
             )
         hidden_states = routing(hidden_states, self.norm, self.norm_moe_gen)
@@ -430,6 +518,9 @@ class UniMedVLModelOutputWithPast(BaseModelOutputWithPast):
 
 class UniMedVLModel(UniMedVLPreTrainedModel):
     """Embeds text, ViT images and VAE latents into one sequence and runs the Mixture-of-Transformers decoder."""
+
+    _keep_in_fp32_modules = ["vae", "vae2llm", "time_embedder", "connector", "vision_tower.embeddings"]
+    """Small, precision-critical modules: never quantized by bitsandbytes, kept in float32 when loading in float16."""
 
     def __init__(self, config: UniMedVLConfig):
         super().__init__(config)
@@ -462,20 +553,28 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         """Packed latent tokens `[num_tokens, 64]` (noised to `latent_timesteps` `[num_images]` ∈ [0, 1]) → `[num_tokens, hidden]`."""
         lengths = latent_grid_hw[:, 0] * latent_grid_hw[:, 1]
         timesteps = latent_timesteps.to(latents.device, torch.float32).repeat_interleave(lengths.to(latents.device))
-        time_embeds = self.time_embedder(self.time_proj(timesteps).to(self.vae2llm.weight.dtype))
+        time_embeds = self.time_embedder(cast_to_compute_dtype(self.time_proj(timesteps), self.time_embedder.linear_1))
         positions = grid_position_ids(latent_grid_hw, self.config.max_latent_size)
-        return self.vae2llm(latents.to(self.vae2llm.weight.dtype)) + time_embeds + self.latent_pos_embed(positions)
+        latent_embeds = self.vae2llm(cast_to_compute_dtype(latents, self.vae2llm))
+        return latent_embeds + time_embeds + self.latent_pos_embed(positions)
 
     def encode_images(
-        self, vae_pixel_values: list[torch.Tensor], sample: bool = False, generator: torch.Generator | None = None
+        self,
+        vae_pixel_values: list[torch.Tensor],
+        sample: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """VAE-encodes images `[3, H, W]` in [-1, 1] → packed latent tokens `[num_tokens, 64]` and their grids `[n, 2]`.
 
-        `sample=True` draws from the posterior (the original behaviour) with `generator`; otherwise its mean is used.
+        `sample=True` draws from the posterior as the original does, `mean + exp(logvar / 2)·ε` in float32 with ε drawn
+        on the VAE's device in the VAE's dtype; otherwise the posterior mean is used. `generator`: one generator for
+        every image or a list with one per image, each drawing as [`generators_on`] describes; `None` draws from the
+        global RNG of the VAE's device (the original).
         """
         tokens, grids = [], []
         scale, shift = self.vae.config.scaling_factor, self.vae.config.shift_factor
-        for image in vae_pixel_values:
+        generators = generators_on(generator, len(vae_pixel_values), self.vae.device) if sample else []
+        for index, image in enumerate(vae_pixel_values):
             downsample = self.config.latent_downsample
             if image.shape[-2] % downsample or image.shape[-1] % downsample:
                 raise ValueError(
@@ -483,8 +582,12 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
                     "resize them with the processor."
                 )
             pixels = image[None].to(self.vae.device, self.vae.dtype)
-            posterior = self.vae.encode(pixels).latent_dist
-            latent = posterior.sample(generator) if sample else posterior.mean
+            with vae_precision(self.vae):
+                mean, logvar = self.vae.encode(pixels).latent_dist.parameters.chunk(2, dim=1)
+            latent = mean
+            if sample:
+                noise = randn_tensor(mean.shape, generator=generators[index], device=mean.device, dtype=mean.dtype)
+                latent = mean.float() + torch.exp((0.5 * logvar).float()) * noise.float()
             latent = ((latent - shift) * scale)[0].float()
             tokens.append(patchify_latents(latent, self.config.latent_patch_size))
             grids.append([latent.shape[1] // self.config.latent_patch_size, latent.shape[2] // self.config.latent_patch_size])
@@ -606,6 +709,7 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
             gen_token_mask=gen_token_mask,
             cache=cache,
             update_cache=update_cache,
+            latent_block_mask=structure.latent_block_mask,
             **kwargs,
         )
         return UniMedVLModelOutputWithPast(
@@ -653,40 +757,6 @@ def unpatchify_latents(tokens: torch.Tensor, height: int, width: int, patch_size
     return tokens.reshape(*lead, channels, height * patch_size, width * patch_size)
 
 
-def combine_cfg_velocity(
-    v_cond: torch.Tensor,
-    v_text: torch.Tensor | None,
-    v_image: torch.Tensor | None,
-    text_scale: float,
-    image_scale: float,
-    renorm_type: str,
-    renorm_min: float,
-) -> torch.Tensor:
-    """Classifier-free guidance of BAGEL/UniMedVL over velocities `[batch, tokens, channels]`.
-
-    `v_text` comes from the context without the last text segment, `v_image` from the context without images; a
-    branch is `None` where its scale is inactive (≤ 1). Renorm rescales the guided velocity to at most the norm of
-    `v_cond`: over each whole image (`global`), per token (`channel`), or per token of the text-guided part only
-    before image guidance (`text_channel`).
-    """
-    if v_text is None:
-        return v_cond
-    guided = v_text + text_scale * (v_cond - v_text)
-    if renorm_type == "text_channel":
-        guided = guided * _renorm_factor(v_cond, guided, (-1,), renorm_min)
-        return v_image + image_scale * (guided - v_image) if v_image is not None else guided
-    if v_image is not None:
-        guided = v_image + image_scale * (guided - v_image)
-    dims = (-1,) if renorm_type == "channel" else (-2, -1)
-    return guided * _renorm_factor(v_cond, guided, dims, renorm_min)
-
-
-def _renorm_factor(reference: torch.Tensor, guided: torch.Tensor, dims: tuple[int, ...], minimum: float) -> torch.Tensor:
-    norm_ref = torch.linalg.vector_norm(reference, dim=dims, keepdim=True)
-    norm_guided = torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
-    return (norm_ref / (norm_guided + 1e-8)).clamp(min=minimum, max=1.0)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Conditional generation
 # ----------------------------------------------------------------------------------------------------------------------
@@ -704,10 +774,13 @@ class UniMedVLCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 @dataclass
 class UniMedVLImageGenerationOutput(ModelOutput):
-    """`images`: `[batch, 3, H, W]` in [-1, 1] (or `None` for latents only); `latents`: final tokens `[batch, h*w, 64]`."""
+    """`images`: `[batch, 3, H, W]` in [-1, 1] in the VAE's dtype (or `None` for latents only); `latents`: final tokens
+    `[batch, h*w, 64]`; both are lists with one tensor per row when the rows have different sizes. `text`: the
+    planning text of each row (think mode), else `None`."""
 
-    images: torch.Tensor | None = None
-    latents: torch.Tensor | None = None
+    images: torch.Tensor | list[torch.Tensor] | None = None
+    latents: torch.Tensor | list[torch.Tensor] | None = None
+    text: list[str] | None = None
 
 
 class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin):
@@ -715,6 +788,8 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
 
     output_modalities = ("image", "text")
     _tied_weights_keys = {}
+    _keep_in_fp32_modules = ["lm_head", "llm2vae"] + [f"model.{name}" for name in UniMedVLModel._keep_in_fp32_modules]
+    """Never quantized by bitsandbytes (names match from the start of a module path), float32 under float16 loading."""
     accepts_loss_kwargs = False
 
     def __init__(self, config: UniMedVLConfig):
@@ -781,9 +856,9 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         hidden_states = outputs.last_hidden_state
         velocity = None
         if outputs.gen_token_mask is not None and outputs.gen_token_mask.any():
-            velocity = self.llm2vae(hidden_states[outputs.gen_token_mask])
+            velocity = self.llm2vae(cast_to_compute_dtype(hidden_states[outputs.gen_token_mask], self.llm2vae))
         kept = hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
-        logits = self.lm_head(kept)
+        logits = self.lm_head(cast_to_compute_dtype(kept, self.lm_head))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
@@ -818,15 +893,87 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
 
     @torch.no_grad()
     def generate(self, inputs=None, generation_mode: str = "text", **kwargs):
-        """`generation_mode="text"`: [`GenerationMixin.generate`] (greedy, sampling, …; stops at `<|im_end|>`).
+        """`generation_mode="text"`: [`GenerationMixin.generate`] (greedy, sampling, …; stops at `<|im_end|>`);
+        sampling draws from the full softmax at `temperature` as the original does (no top-k unless one is given).
         `generation_mode="image"`: [`generate_image`]."""
         if generation_mode == "text":
-            return super().generate(inputs, **kwargs)
+            return super().generate(inputs, **self._full_softmax_sampling(kwargs))
         if generation_mode == "image":
             if inputs is not None:
                 kwargs["input_ids"] = inputs
             return self.generate_image(**kwargs)
         raise ValueError(f"Unsupported generation_mode {generation_mode!r}: UniMedVL generates 'text' or 'image'.")
+
+    def _full_softmax_sampling(self, kwargs: dict) -> dict:
+        """`generate` keywords in which sampling keeps the whole vocabulary, as the original's `multinomial(softmax(
+        logits / T))`: transformers' default top-k of 50 becomes 0 (off) unless a top-k is given as an argument, in a
+        given `generation_config` or in the model's."""
+        given = kwargs.get("generation_config")
+        configs = [config for config in (given, self.generation_config) if config is not None]
+        if kwargs.get("top_k") is not None or any(config.top_k is not None for config in configs):
+            return kwargs
+        do_sample = kwargs.get("do_sample")
+        if do_sample is None:
+            do_sample = next((config.do_sample for config in configs if config.do_sample is not None), False)
+        if not do_sample:
+            return kwargs
+        if given is None:
+            return {**kwargs, "top_k": 0}
+        given = copy.deepcopy(given)
+        given.top_k = 0
+        return {**kwargs, "generation_config": given}
+
+    @torch.no_grad()
+    def generate_text_segment(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        tokenizer=None,
+        max_think_token_n: int = 1000,
+        do_sample: bool = False,
+        temperature: float = 0.3,
+        **image_inputs,
+    ) -> list[str]:
+        """The original's text step (`InterleaveInferencer.gen_text`): one text segment per row of `input_ids`
+        `[batch, seq]`, which must end with the generation prompt `<|im_start|>` (the processor's text mode).
+
+        Decoding is greedy, or samples from the full softmax at `temperature` (`do_sample`), for at most
+        `max_think_token_n` steps, and stops at `<|im_end|>`; as in the original, the token chosen at the last step is
+        not kept, so a segment holds at most `max_think_token_n − 1` tokens. The kept tokens are decoded with their
+        special tokens by `tokenizer` and the text between the first `<|im_start|>` and the first `<|im_end|>` is
+        returned, as the original's string handling does. `image_inputs`: `pixel_values` / `image_grid_hw`, and
+        `vae_pixel_values` or already encoded `latents` / `latent_grid_hw` for VAE blocks. Think mode's planning text,
+        the editing flow's answer and `inference_ver=1` answers are such segments.
+        """
+        config = self.config
+        if tokenizer is None:
+            raise ValueError("`tokenizer` is required to decode the text segment (pass the processor's tokenizer).")
+        if isinstance(max_think_token_n, bool) or not isinstance(max_think_token_n, int) or max_think_token_n < 1:
+            raise ValueError(f"`max_think_token_n` must be a positive integer, got {max_think_token_n!r}.")
+        if do_sample:
+            check_finite_number("temperature", temperature, low=0.0, open_low=True)
+        if not bool((input_ids[:, -1] == config.bos_token_id).all()):
+            raise ValueError("A text segment is decoded after the generation prompt: `input_ids` must end with <|im_start|>.")
+        sampling = {"do_sample": True, "temperature": float(temperature)} if do_sample else {"do_sample": False}
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        generated = self.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_think_token_n,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=pad,
+            **sampling,
+            **image_inputs,
+        )
+        bos_text, eos_text = tokenizer.convert_ids_to_tokens([config.bos_token_id, config.eos_token_id])
+        texts = []
+        for row in generated[:, input_ids.shape[1] :].tolist():
+            kept = row[: max_think_token_n - 1]
+            if config.eos_token_id in kept:
+                kept = kept[: kept.index(config.eos_token_id)]
+            decoded = tokenizer.decode([config.bos_token_id] + kept, skip_special_tokens=False)
+            texts.append(decoded.split(eos_text)[0].split(bos_text)[1])
+        return texts
 
     # ------------------------------------------------------------------ image generation (rectified flow)
 
@@ -838,6 +985,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         pixel_values: torch.Tensor | None = None,
         image_grid_hw: torch.Tensor | None = None,
         vae_pixel_values: list[torch.Tensor] | None = None,
+        image_latents: tuple[torch.Tensor, torch.Tensor] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -847,108 +995,283 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         cfg_interval: tuple[float, float] = (0.4, 1.0),
         cfg_renorm_type: str = "global",
         cfg_renorm_min: float = 0.0,
-        latents: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        cfg_text_mask: torch.Tensor | None = None,
+        cfg_img_mask: torch.Tensor | None = None,
+        latents: torch.Tensor | list[torch.Tensor] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         vae_encode: str = "sample",
+        think: bool = False,
+        tokenizer=None,
+        max_think_token_n: int = 1000,
+        text_do_sample: bool = False,
+        text_temperature: float = 0.3,
         decode: bool = True,
         callback_on_step_end: Callable | None = None,
         scheduler: FlowMatchEulerDiscreteScheduler | None = None,
         **kwargs,
     ) -> UniMedVLImageGenerationOutput:
-        """Generates one image per row of `input_ids` `[batch, seq]` by rectified flow with classifier-free guidance.
+        """Generates one image per row of `input_ids` `[batch, seq]` by rectified flow with classifier-free guidance,
+        as the original's `InterleaveInferencer.interleave_inference` does for any interleaving of text and images.
 
-        The context (prompt, and for image-conditioned generation the input image as a clean VAE block plus a ViT
-        block) is prefilled once for three branches: the full context, the context without its last text segment
-        (text guidance) and the context without images (image guidance). Each of the `num_inference_steps - 1` Euler
-        steps runs the noisy `[<|vision_start|>, h*w latents, <|vision_end|>]` block against those caches without
-        writing it. `latents` `[batch, h*w, 64]` replace the initial noise (drawn on the CPU from `generator`
-        otherwise); the flow state stays float32. `vae_encode` ("sample" as the original, or "mean") chooses how input
-        images are encoded. The schedule is BAGEL's: `linspace(1, 0, num_inference_steps)` shifted by `timestep_shift`
-        (default 3.0), run by `scheduler` (a `FlowMatchEulerDiscreteScheduler`, created if not given; a given
-        `timestep_shift` is set on it). `callback_on_step_end(step, timestep, latents)` may return new latents.
-        Returns images in [-1, 1] `[batch, 3, height, width]` (`decode=False`: `None`) and the final latent tokens.
+        Contexts: the full context (prompt, and every input image as a clean VAE block plus a ViT block); the
+        text-guidance context, which is the context as it stood before the last text segment or right after the last
+        image, whichever came later (so with an image last, text guidance changes nothing); and the image-guidance
+        context, every text segment without the images (for text-to-image: the full context). The VAE blocks take
+        `vae_pixel_values` (encoded here) or already encoded `image_latents` (packed tokens `[n, 64]`, grids `[m, 2]`,
+        from `model.model.encode_images`; all rows share one size then). `cfg_text_mask` /
+        `cfg_img_mask` `[batch, seq]` (bool) may select other tokens of `input_ids` for them. The three contexts are
+        prefilled once; each of the `num_inference_steps − 1` Euler steps runs the noisy `[<|vision_start|>, h·w
+        latents, <|vision_end|>]` block against them without writing it; a guidance branch runs only where its scale
+        is above 1 and `cfg_interval[0] < σ ≤ cfg_interval[1]` (float32 comparison). Guidance, renormalisation
+        (`cfg_renorm_type`, `cfg_renorm_min`), the Euler step and their precision are `sampling_unimedvl`'s.
+
+        Think mode (`think=True`, with the processor's `think=True` system prompt): each row's planning text is first
+        generated on the full context (`generate_text_segment` with `max_think_token_n`, `text_do_sample`,
+        `text_temperature`), decoded by `tokenizer`, re-tokenized from the decoded string and appended to the full
+        context only as a new text segment; it comes back as `text`.
+
+        Sizes: `height` and `width` (both or neither); by default each row keeps the size of its first input image's
+        VAE block, and a row without one gets the largest size of the latent table (1024 px). Rows of different sizes
+        are generated in groups of equal size; `images` and `latents` are then lists with one tensor per row.
+
+        Randomness (details in `sampling_unimedvl`): `generator` is one generator or one per row; a row's VAE posterior
+        samples (`vae_encode="sample"`, the original; `"mean"` for the posterior mean) and then its initial noise
+        (CPU, float32) come from its generator, so a row of a batch equals the single run with the same generator.
+        `latents` `[batch, h·w, 64]` replace the initial noise. The schedule is BAGEL's, `linspace(1, 0,
+        num_inference_steps)` shifted by `timestep_shift` (default 3.0), read from `scheduler` (a
+        `FlowMatchEulerDiscreteScheduler`, created if not given; a given `timestep_shift` is set on it).
+        `callback_on_step_end(step, timestep, latents)` may return new latents.
+
+        Returns `images` in [-1, 1] `[batch, 3, height, width]` in the VAE's dtype (`decode=False`: `None`), the final
+        latent tokens `[batch, h·w, 64]` (float32) and the planning texts (think mode, else `None`).
         """
         if kwargs:
             raise TypeError(f"generate_image() got unexpected arguments: {sorted(kwargs)}")
-        if cfg_renorm_type not in CFG_RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {CFG_RENORM_TYPES}, got {cfg_renorm_type!r}.")
+        check_sampler_arguments(
+            num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min
+        )
         if vae_encode not in ("sample", "mean"):
-            raise ValueError(f"vae_encode must be 'sample' or 'mean', got {vae_encode!r}.")
-        if num_inference_steps < 2:
-            raise ValueError(f"num_inference_steps must be at least 2 (one Euler step), got {num_inference_steps}.")
-        config, device = self.config, self.device
-        batch = input_ids.shape[0]
+            raise ValueError(f"`vae_encode` must be 'sample' or 'mean', got {vae_encode!r}.")
+        if think and tokenizer is None:
+            raise ValueError("think=True needs `tokenizer` (the processor's) to re-tokenize the planning text.")
+        if think and text_do_sample:
+            check_finite_number("text_temperature", text_temperature, low=0.0, open_low=True)
+        if scheduler is not None and scheduler.config.get("stochastic_sampling", False):
+            raise ValueError("The original sampler takes deterministic Euler steps; `stochastic_sampling` is not supported.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        cond_latents = cond_grid = None
-        if vae_pixel_values is not None and len(vae_pixel_values) > 0:
-            cond_latents, cond_grid = self.model.encode_images(
-                vae_pixel_values, sample=vae_encode == "sample", generator=generator
-            )
-        height, width = self.output_size(height, width, vae_pixel_values)
-        grid_h, grid_w = height // config.latent_downsample, width // config.latent_downsample
-        num_tokens = grid_h * grid_w
-        if latents is None:
-            latents = randn_tensor((batch, num_tokens, config.patch_latent_dim), generator=generator, device=torch.device("cpu"), dtype=torch.float32)
-        latents = latents.reshape(batch, num_tokens, config.patch_latent_dim).to(device, torch.float32)
+        if image_latents is not None and vae_pixel_values:
+            raise ValueError("Give the VAE images either as `vae_pixel_values` or as encoded `image_latents`, not both.")
+        if cfg_text_mask is None or cfg_img_mask is None:
+            text_keep, image_keep = cfg_context_masks(input_ids, attention_mask, self.config)
+            cfg_text_mask = text_keep if cfg_text_mask is None else cfg_text_mask.bool()
+            cfg_img_mask = image_keep if cfg_img_mask is None else cfg_img_mask.bool()
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "image_grid_hw": image_grid_hw,
+            "vae_pixel_values": vae_pixel_values,
+            "image_latents": image_latents,
+            "cfg_text_mask": cfg_text_mask,
+            "cfg_img_mask": cfg_img_mask,
+        }
+        settings = {
+            "num_inference_steps": num_inference_steps,
+            "timestep_shift": timestep_shift,
+            "cfg_text_scale": cfg_text_scale,
+            "cfg_img_scale": cfg_img_scale,
+            "cfg_interval": tuple(cfg_interval),
+            "cfg_renorm_type": cfg_renorm_type,
+            "cfg_renorm_min": cfg_renorm_min,
+            "vae_encode": vae_encode,
+            "think": think,
+            "tokenizer": tokenizer,
+            "max_think_token_n": max_think_token_n,
+            "text_do_sample": text_do_sample,
+            "text_temperature": text_temperature,
+            "decode": decode,
+            "callback_on_step_end": callback_on_step_end,
+            "scheduler": scheduler,
+        }
+        sizes = self.output_sizes(height, width, input_ids, vae_pixel_values)
+        if image_latents is not None and height is None:
+            sizes = [tuple(int(side) * self.config.latent_downsample for side in image_latents[1][0].tolist())] * len(sizes)
+        if len(set(sizes)) == 1:
+            if isinstance(latents, (list, tuple)):
+                latents = torch.stack(list(latents))
+            return self._generate_images(inputs, sizes[0], latents, generator, **settings)
+        return self._generate_images_by_size(inputs, sizes, latents, generator, settings)
 
-        context = self._prefill_cfg_contexts(
-            input_ids, attention_mask, pixel_values, image_grid_hw, cond_latents, cond_grid
+    def output_sizes(
+        self,
+        height: int | None,
+        width: int | None,
+        input_ids: torch.Tensor,
+        vae_pixel_values: list[torch.Tensor] | None = None,
+    ) -> list[tuple[int, int]]:
+        """Each row's `(height, width)`: as given (both or neither), else the row's first input image's VAE size, else
+        the largest size of the latent table; checked against the latent grid (multiples of `latent_downsample` up to
+        `max_latent_size` latents per side)."""
+        downsample, batch = self.config.latent_downsample, input_ids.shape[0]
+        limit = self.config.max_latent_size * downsample
+        if (height is None) != (width is None):
+            given, missing = ("height", "width") if width is None else ("width", "height")
+            raise ValueError(f"`{given}` was given without `{missing}`: give both (multiples of {downsample}) or neither.")
+        if height is not None:
+            sizes = [(height, width)] * batch
+        else:
+            first_images = _first_block_per_row(input_ids, self.config.latent_token_id, self.config)
+            sizes = [
+                tuple(vae_pixel_values[index].shape[-2:]) if index is not None and vae_pixel_values else (limit, limit)
+                for index in first_images
+            ]
+        for size in set(sizes):
+            if any(isinstance(side, bool) or not isinstance(side, int) for side in size) or any(
+                side % downsample or not 0 < side <= limit for side in size
+            ):
+                raise ValueError(
+                    f"height and width must be positive multiples of {downsample} up to {limit} pixels, "
+                    f"got {size[0]}x{size[1]}."
+                )
+        return [(int(h), int(w)) for h, w in sizes]
+
+    def _generate_images_by_size(self, inputs: dict, sizes: list, latents, generator, settings: dict):
+        """Rows of different output sizes, one `_generate_images` call per size (rows in their order within each);
+        a single `generator` continues its stream from one group to the next."""
+        batch = len(sizes)
+        if latents is not None and not isinstance(latents, (list, tuple)):
+            raise ValueError("Rows of different sizes take `latents` as a list with one `[h·w, 64]` tensor per row.")
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"Got {len(generator)} generators for {batch} rows; give one generator, or one per row.")
+        images, final_latents, texts = [None] * batch, [None] * batch, [None] * batch
+        for size in dict.fromkeys(sizes):
+            rows = [row for row in range(batch) if sizes[row] == size]
+            group_generator = [generator[row] for row in rows] if isinstance(generator, (list, tuple)) else generator
+            group_latents = torch.stack([latents[row] for row in rows]) if latents is not None else None
+            output = self._generate_images(self._select_rows(inputs, rows), size, group_latents, group_generator, **settings)
+            for position, row in enumerate(rows):
+                final_latents[row] = output.latents[position]
+                if output.images is not None:
+                    images[row] = output.images[position]
+                if output.text is not None:
+                    texts[row] = output.text[position]
+        return UniMedVLImageGenerationOutput(
+            images=images if settings["decode"] else None,
+            latents=final_latents,
+            text=texts if settings["think"] else None,
         )
+
+    def _select_rows(self, inputs: dict, rows: list[int]) -> dict:
+        """The generation inputs of the batch rows `rows`: token rows, and the ViT patches / VAE images of their images."""
+        config, input_ids = self.config, inputs["input_ids"]
+        selected = {key: inputs[key][rows] for key in ("input_ids", "attention_mask", "cfg_text_mask", "cfg_img_mask")}
+        vit_images = _images_of_rows(_blocks_per_row(input_ids, config.image_token_id, config), rows)
+        if inputs["pixel_values"] is not None and vit_images:
+            grids = inputs["image_grid_hw"]
+            offsets = [0] + (grids[:, 0] * grids[:, 1]).cumsum(0).tolist()
+            patches = [inputs["pixel_values"][offsets[i] : offsets[i + 1]] for i in vit_images]
+            selected["pixel_values"], selected["image_grid_hw"] = torch.cat(patches), grids[vit_images]
+        else:
+            selected["pixel_values"] = selected["image_grid_hw"] = None
+        vae_images = _images_of_rows(_blocks_per_row(input_ids, config.latent_token_id, config), rows)
+        vae_pixels = inputs["vae_pixel_values"]
+        selected["vae_pixel_values"] = [vae_pixels[i] for i in vae_images] if vae_pixels and vae_images else None
+        selected["image_latents"] = None  # encoded latents come with one size for all rows
+        return selected
+
+    def _generate_images(
+        self,
+        inputs: dict,
+        size: tuple[int, int],
+        latents: torch.Tensor | None,
+        generator,
+        num_inference_steps: int,
+        timestep_shift: float | None,
+        cfg_text_scale: float,
+        cfg_img_scale: float,
+        cfg_interval: tuple[float, float],
+        cfg_renorm_type: str,
+        cfg_renorm_min: float,
+        vae_encode: str,
+        think: bool,
+        tokenizer,
+        max_think_token_n: int,
+        text_do_sample: bool,
+        text_temperature: float,
+        decode: bool,
+        callback_on_step_end: Callable | None,
+        scheduler: FlowMatchEulerDiscreteScheduler | None,
+    ) -> UniMedVLImageGenerationOutput:
+        """[`generate_image`] for rows that share one output `size`."""
+        config, device = self.config, self.device
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        text_keep, image_keep = inputs["cfg_text_mask"], inputs["cfg_img_mask"]
+        batch = input_ids.shape[0]
+        image_inputs = {"pixel_values": inputs["pixel_values"], "image_grid_hw": inputs["image_grid_hw"]}
+        if inputs["image_latents"] is not None:
+            image_inputs["latents"], image_inputs["latent_grid_hw"] = inputs["image_latents"]
+        elif inputs["vae_pixel_values"]:
+            image_generators = generator
+            if isinstance(generator, (list, tuple)):
+                per_row = _blocks_per_row(input_ids, config.latent_token_id, config)
+                image_generators = [generator[row] for row, count in enumerate(per_row) for _ in range(count)]
+            image_inputs["latents"], image_inputs["latent_grid_hw"] = self.model.encode_images(
+                inputs["vae_pixel_values"], sample=vae_encode == "sample", generator=image_generators
+            )
+        texts = None
+        if think:
+            texts = self.generate_text_segment(
+                torch.cat([input_ids, input_ids.new_full((batch, 1), config.bos_token_id)], dim=1),
+                torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1),
+                tokenizer,
+                max_think_token_n,
+                text_do_sample,
+                text_temperature,
+                **{key: value for key, value in image_inputs.items() if value is not None},
+            )
+            segments = [[config.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), config.eos_token_id] for text in texts]
+            input_ids, attention_mask, text_keep, image_keep = _append_to_full_context(
+                segments, input_ids, attention_mask, text_keep, image_keep, config.pad_token_id or 0
+            )
+        grid_h, grid_w = size[0] // config.latent_downsample, size[1] // config.latent_downsample
+        shape = (batch, grid_h * grid_w, config.patch_latent_dim)
+        latents = initial_noise(shape, generator) if latents is None else latents.reshape(shape)
+        latents = latents.to(device, torch.float32)
+
+        embeds = self.model.embed_inputs(input_ids, **image_inputs)
+        context = self._prefill_cfg_contexts(input_ids, attention_mask, embeds, text_keep, image_keep)
         if scheduler is None:
             scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if timestep_shift is None else timestep_shift)
         elif timestep_shift is not None:
             scheduler.set_shift(timestep_shift)
-        sigmas = torch.linspace(1, 0, num_inference_steps)[:-1].tolist()
-        scheduler.set_timesteps(sigmas=sigmas, device=device)
-        use_text = cfg_text_scale > 1.0
-        use_image = use_text and cfg_img_scale > 1.0
+        scheduler.set_timesteps(sigmas=torch.linspace(1, 0, num_inference_steps)[:-1].tolist(), device=device)
+        guided = guided_steps(scheduler.sigmas[:-1], cfg_interval)
+        use_text, use_image = cfg_text_scale > 1.0, cfg_text_scale > 1.0 and cfg_img_scale > 1.0
         for step, timestep in enumerate(scheduler.timesteps):
-            sigma = float(scheduler.sigmas[step])
-            in_interval = cfg_interval[0] < sigma <= cfg_interval[1]
-            branches = 1 + (use_text and in_interval) + (use_image and in_interval)
-            velocity = self._flow_velocity(context, latents, sigma, branches, grid_h, grid_w)
+            sigma, sigma_next = scheduler.sigmas[step], scheduler.sigmas[step + 1]
+            branches = 1 + (use_text and guided[step]) + (use_image and guided[step])
+            velocity = self._flow_velocity(context, latents, float(sigma), branches, grid_h, grid_w)
             v_cond, v_rest = velocity[:batch], velocity[batch:].split(batch)
             v_text = v_rest[0] if branches > 1 else None
             v_image = v_rest[1] if branches > 2 else None
-            guided = combine_cfg_velocity(
+            velocity = combine_cfg_velocity(
                 v_cond, v_text, v_image, cfg_text_scale, cfg_img_scale, cfg_renorm_type, cfg_renorm_min
             )
-            latents = scheduler.step(guided.float(), timestep, latents, return_dict=False)[0]
+            latents = euler_step(latents, velocity, sigma, sigma_next)
             if callback_on_step_end is not None:
                 latents = callback_on_step_end(step, timestep, latents)
         images = self.decode_latents(latents, grid_h, grid_w) if decode else None
-        return UniMedVLImageGenerationOutput(images=images, latents=latents)
+        return UniMedVLImageGenerationOutput(images=images, latents=latents, text=texts)
 
-    def output_size(self, height: int | None, width: int | None, vae_pixel_values=None) -> tuple[int, int]:
-        """The generated image's `(height, width)`: as given, else the first input image's, else the largest size;
-        checked against the latent grid (multiples of `latent_downsample` up to `max_latent_size` latents)."""
-        downsample = self.config.latent_downsample
-        if height is None or width is None:
-            if vae_pixel_values:
-                height, width = vae_pixel_values[0].shape[-2:]
-            else:
-                height = width = self.config.max_latent_size * downsample
-        limit = self.config.max_latent_size * downsample
-        if height % downsample or width % downsample or not (0 < height <= limit and 0 < width <= limit):
-            raise ValueError(
-                f"height and width must be positive multiples of {downsample} up to {limit} pixels, got {height}x{width}."
-            )
-        return int(height), int(width)
-
-    def _prefill_cfg_contexts(self, input_ids, attention_mask, pixel_values, image_grid_hw, cond_latents, cond_grid):
-        """Prefills [full, without last text, without images] contexts as one left-padded batch of `3 * batch` rows."""
+    def _prefill_cfg_contexts(self, input_ids, attention_mask, embeds, text_keep, image_keep) -> dict:
+        """Prefills the [full, text-guidance, image-guidance] contexts (tokens of `input_ids` selected by the padding
+        mask and the two keep masks, all `[batch, seq]`) as one left-padded batch of `3 * batch` rows."""
         config = self.config
-        embeds = self.model.embed_inputs(input_ids, pixel_values, image_grid_hw, cond_latents, cond_grid)
         real = attention_mask.bool()
-        structure = sequence_structure(input_ids, config, attention_mask)
-        in_image = structure.block_ids >= 0
-        is_bos = (input_ids == config.bos_token_id) & real & ~in_image
-        if not is_bos.any(dim=1).all():
-            raise ValueError("Every prompt needs a text segment (<|im_start|> … <|im_end|>); got an empty prompt.")
-        index = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last_text_start = torch.where(is_bos, index, -1).amax(dim=1, keepdim=True)
-        selections = [real, real & (index < last_text_start), real & ~in_image]
+        if not real.any(dim=1).all():
+            raise ValueError("Every prompt needs a text segment or an image; got an empty prompt.")
+        selections = [real, real & text_keep, real & image_keep]
         rows = [_gather_left_padded(input_ids, embeds, keep) for keep in selections]
         length = max(ids.shape[1] for ids, _, _ in rows)
         ids = torch.cat([nn.functional.pad(r[0], (length - r[0].shape[1], 0), value=config.pad_token_id or 0) for r in rows])
@@ -962,7 +1285,8 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         return {"caches": {3 * batch: cache}, "attention_mask": mask, "next_position": next_position, "batch": batch}
 
     def _flow_velocity(self, context, latents, sigma, branches, grid_h, grid_w) -> torch.Tensor:
-        """Velocity `[branches * batch, h*w, 64]` of the noisy latents `[batch, h*w, 64]` at time `sigma` for the first `branches` contexts."""
+        """Velocity `[branches * batch, h*w, 64]`, in the model's dtype, of the noisy latents `[batch, h*w, 64]` at time
+        `sigma` for the first `branches` contexts."""
         config, batch = self.config, context["batch"]
         rows = branches * batch
         num_tokens = grid_h * grid_w
@@ -985,15 +1309,19 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             latent_timesteps=torch.full((rows,), sigma, device=latents.device),
             update_cache=False,
         )
-        velocity = self.llm2vae(outputs.last_hidden_state[:, 1:-1])
-        return velocity.float()
+        return self.llm2vae(cast_to_compute_dtype(outputs.last_hidden_state[:, 1:-1], self.llm2vae))
 
     def decode_latents(self, latents: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Latent tokens `[batch, h*w, 64]` → images `[batch, 3, 16h, 16w]` in [-1, 1] through the VAE."""
+        """Latent tokens `[batch, h*w, 64]` → images `[batch, 3, 16h, 16w]` in [-1, 1], in the VAE's dtype.
+
+        As the original, the latents are cast to the VAE's dtype before they are un-scaled (`z / scale + shift`), and
+        the 8-bit conversion of the result (`postprocess_images`) runs in that dtype too.
+        """
         vae = self.model.vae
-        latent = unpatchify_latents(latents, grid_h, grid_w, self.config.latent_patch_size)
+        latent = unpatchify_latents(latents, grid_h, grid_w, self.config.latent_patch_size).to(vae.device, vae.dtype)
         latent = latent / vae.config.scaling_factor + vae.config.shift_factor
-        return vae.decode(latent.to(vae.device, vae.dtype)).sample.float()
+        with vae_precision(vae):
+            return vae.decode(latent).sample
 
     def decode_image_tokens(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Any-to-any pipeline hook: latent tokens `[batch, h*w, 64]` of a `height × width` image → pixels in [-1, 1]."""
@@ -1026,6 +1354,68 @@ def _select_cache_rows(cache: DynamicCache, rows: int) -> DynamicCache:
     return selected
 
 
+def _block_starts(input_ids: torch.Tensor, placeholder_id: int, config: UniMedVLConfig) -> torch.Tensor:
+    """`[batch, seq]` marks of the `<|vision_start|>` tokens that open a block of `placeholder_id` tokens."""
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, :-1] = (input_ids[:, :-1] == config.vision_start_token_id) & (input_ids[:, 1:] == placeholder_id)
+    return starts
+
+
+def _blocks_per_row(input_ids: torch.Tensor, placeholder_id: int, config: UniMedVLConfig) -> list[int]:
+    """How many image blocks of `placeholder_id` tokens (ViT or VAE) each row holds; images are numbered row by row."""
+    return _block_starts(input_ids, placeholder_id, config).sum(dim=1).tolist()
+
+
+def _first_block_per_row(input_ids: torch.Tensor, placeholder_id: int, config: UniMedVLConfig) -> list[int | None]:
+    """The index (numbered over the batch) of each row's first image block of `placeholder_id` tokens, or None."""
+    counts = _blocks_per_row(input_ids, placeholder_id, config)
+    offsets = [sum(counts[:row]) for row in range(len(counts))]
+    return [offset if count else None for offset, count in zip(offsets, counts)]
+
+
+def _images_of_rows(counts: list[int], rows: list[int]) -> list[int]:
+    """The image indices (numbered over the batch, row by row) that belong to `rows`, given each row's image count."""
+    offsets = [sum(counts[:row]) for row in range(len(counts))]
+    return [offsets[row] + index for row in rows for index in range(counts[row])]
+
+
+def _append_to_full_context(segments: list[list[int]], input_ids, attention_mask, text_keep, image_keep, pad_id: int):
+    """Appends each row's token `segments` after its tokens (padding in between is dropped when the contexts are
+    gathered) as part of the full context only: the guidance keep masks do not select them."""
+    batch, length = input_ids.shape[0], max(len(segment) for segment in segments)
+    extra_ids = input_ids.new_full((batch, length), pad_id)
+    extra_mask = attention_mask.new_zeros(batch, length)
+    for row, segment in enumerate(segments):
+        extra_ids[row, : len(segment)] = torch.tensor(segment, dtype=input_ids.dtype)
+        extra_mask[row, : len(segment)] = 1
+    unselected = torch.zeros_like(extra_mask, dtype=torch.bool)
+    return (
+        torch.cat([input_ids, extra_ids], dim=1),
+        torch.cat([attention_mask, extra_mask], dim=1),
+        torch.cat([text_keep, unselected], dim=1),
+        torch.cat([image_keep, unselected], dim=1),
+    )
+
+
+def original_generation_config(config: UniMedVLConfig) -> GenerationConfig:
+    """The text-decoding defaults written next to a converted checkpoint (`generation_config.json`).
+
+    Greedy decoding of up to 512 new tokens that stops at `<|im_end|>`: the default of the original's `Bagel.chat`
+    and `interleave_inference` (the original VQA script samples at temperature 1.0 instead: pass `do_sample=True`).
+    Sampling draws from the full softmax at `temperature`, as the original: no top-p, and no top-k, which
+    [`UniMedVLForConditionalGeneration.generate`] enforces (a file cannot hold `top_k=0` beside greedy decoding).
+    """
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=512,
+    )
+
+
 __all__ = [
     "UniMedVLPreTrainedModel",
     "UniMedVLVisionModel",
@@ -1035,6 +1425,8 @@ __all__ = [
     "UniMedVLCausalLMOutputWithPast",
     "UniMedVLImageGenerationOutput",
     "combine_cfg_velocity",
+    "cfg_context_masks",
+    "original_generation_config",
     "patchify_latents",
     "unpatchify_latents",
     "sequence_structure",

@@ -52,7 +52,11 @@ FORMATTED_PROMPT = re.compile(
 
 
 class UniMedVLImagesKwargs(ImagesKwargs, total=False):
-    """`mode`: `"understanding"` (ViT patches) or `"generation"` (a VAE block and a ViT block per image)."""
+    """`mode`: how images enter the sequence, by default from `generation_mode`. `"understanding"` (text mode): a ViT
+    block with the VQA transform, as the original's `Bagel.chat`; `"generation"` (image mode): a VAE block and a ViT
+    block per image, as its `InterleaveInferencer` (also usable in text mode, as its `inference_ver=1` VQA);
+    `"interleave_understanding"`: a ViT block of the image resized by the VAE-side transform first, as the
+    `InterleaveInferencer`'s understanding output (the editing flow's answer step)."""
 
     mode: str
 
@@ -190,7 +194,7 @@ class UniMedVLProcessor(ProcessorMixin):
                 "Pass either plain prompts or prompts formatted with apply_chat_template in one batch, not both."
             )
         flat_images = [image for row in images_per_prompt for image in row]
-        mode = "generation" if generation_mode == "image" else "understanding"
+        mode = kwargs.pop("mode", None) or ("generation" if generation_mode == "image" else "understanding")
         inputs = super().__call__(images=flat_images or None, text=prompts, mode=mode, **kwargs)
         self._check_image_blocks(inputs, images_per_prompt, generation_mode)
         return inputs

@@ -29,8 +29,34 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or does not match the expected layout."""
 
 
+def _header_problem(key: str, entry) -> str | None:
+    """Why the header entry of tensor `key` is unusable, or None when it is a valid `{dtype, shape, data_offsets}`."""
+    if not isinstance(entry, dict):
+        return f"tensor {key} has a {type(entry).__name__} entry instead of {{dtype, shape, data_offsets}}"
+    missing = [name for name in ("dtype", "shape", "data_offsets") if name not in entry]
+    if missing:
+        return f"tensor {key} has no {', '.join(missing)}"
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
+        return f"tensor {key} has unsupported dtype {entry['dtype']!r}"
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape):
+        return f"tensor {key} has shape {shape!r}; sizes must be non-negative integers"
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(offset, int) and not isinstance(offset, bool) for offset in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        return f"tensor {key} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end"
+    expected = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[entry["dtype"]]).element_size()
+    if offsets[1] - offsets[0] != expected:
+        return f"tensor {key} of shape {shape} and dtype {entry['dtype']} needs {expected} bytes, its data_offsets give {offsets[1] - offsets[0]}"
+    return None
+
+
 class SafetensorsReader:
-    """Reads the tensors of one `.safetensors` file, checking that the file holds every byte its header promises."""
+    """Reads the tensors of one `.safetensors` file, checking its header (every entry's dtype, shape and byte range)
+    and that the file holds every byte the header promises, so that a damaged file fails with a message naming it."""
 
     def __init__(self, path: str):
         self.path = path
@@ -50,8 +76,17 @@ class SafetensorsReader:
             try:
                 header = json.loads(handle.read(header_length))
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise CheckpointError(f"{path} has a corrupt safetensors header ({error}).") from error
-        self.metadata = header.pop("__metadata__", None) or {}
+                raise CheckpointError(f"{path} has a corrupt safetensors header ({error}).") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: a JSON {type(header).__name__}, not an object.")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: __metadata__ is not an object.")
+        for key, entry in header.items():
+            problem = _header_problem(key, entry)
+            if problem:
+                raise CheckpointError(f"{path} has a corrupt safetensors header: {problem}.")
+        self.metadata = metadata
         self.entries = header
         self.data_offset = 8 + header_length
         data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
@@ -60,14 +95,13 @@ class SafetensorsReader:
                 f"{path} is truncated: its header needs {self.data_offset + data_end} bytes but the file has {size}. "
                 "Download it again."
             )
-        for key, entry in header.items():
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {entry['dtype']}.")
 
     def keys(self) -> list[str]:
         return list(self.entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        if key not in self.entries:
+            raise CheckpointError(f"{self.path} has no tensor {key}.")
         return tuple(self.entries[key]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
@@ -82,9 +116,6 @@ class SafetensorsReader:
         start, end = entry["data_offsets"]
         dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         shape = tuple(entry["shape"])
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - start != expected:
-            raise CheckpointError(f"{self.path}: tensor {key} of shape {shape} needs {expected} bytes, header gives {end - start}.")
         buffer = bytearray(end - start)
         with open(self.path, "rb") as handle:
             handle.seek(self.data_offset + start)

@@ -6,16 +6,23 @@
     unimedvl edit IMAGE "instruction" -o out.png [--model PATH]   # editing, SR, T2→FLAIR, H&E→IHC, counterfactuals
     unimedvl convert ORIGINAL_DIR OUTPUT_DIR            # original release → transformers folder
 
-Common options: `--model` (default: the environment variable UNIMEDVL_MODEL, else the shipped UniMedVL-Tiny), `--device` (cpu, cuda, cuda:1, auto = device_map="auto"), `--dtype`, `--load-in-4bit` /
-`--load-in-8bit`, `--seed`; image options `--window` (preset, `center,width` or `minmax`), `--slice`, `--axis`;
+Common options: `--model` (default: the environment variable UNIMEDVL_MODEL, else the shipped UniMedVL-Tiny),
+`--device` (cpu, cuda, cuda:1, mps, auto = device_map="auto"; checked against this machine), `--dtype`,
+`--load-in-4bit` / `--load-in-8bit`, `--seed`; image options `--window` (preset, `center,width` or `minmax`), `--slice`, `--axis`;
 generation options `--steps`, `--height`, `--width`, `--guidance-scale`. Bad input (missing file, unreadable image,
 bad option) ends with exit status 2 (usage) or 1 (input) and a one-line `unimedvl: error: …` message.
 
-`unimedvl eval {vqa,report,generation,i2i} CHECKPOINT --data ... --output-dir ...` evaluates a checkpoint (see
-`unimedvl_pipelines.evaluation`).
+`unimedvl eval {vqa,report,generation,i2i} --data ... --output-dir ... [--model PATH]` evaluates a checkpoint (see
+`unimedvl_pipelines.evaluation`). `unimedvl --version` prints the versions of the package and its key libraries.
 
 Extending: every sub-command is a `register_*(subparsers)` function in `SUBCOMMANDS` that adds its parser and sets
-`handler=fn(args) -> int`. The model path is resolved in one place, `resolve_model_path()`.
+`handler=fn(args) -> int`. The model option (`add_model_path_option`), its resolution (`resolve_model_path`) and the
+shared argument types (`device_name`, `positive_int`, `finite_float`, `seed_value`, `output_image_path`) live in
+`cli_arguments`, so `eval` and every other sub-command take them the same way. Generated images are written atomically.
+
+Errors the package anticipates end with one line naming the file / option and a non-zero status; any other exception
+also ends with one line (its type and message) unless the environment variable UNIMEDVL_TRACEBACK=1 asks for the
+traceback.
 """
 
 import argparse
@@ -23,8 +30,21 @@ import os
 import sys
 
 import torch
-from modeling_unimedvl import default_model
+from modeling_unimedvl.atomic_files import save_image as save_image_atomically
 
+from .cli_arguments import (
+    OneLineArgumentParser,
+    VersionAction,
+    add_model_path_option,
+    check_device_available,
+    device_name,
+    finite_float,
+    non_negative_float,
+    output_image_path,
+    positive_int,
+    resolve_model_path,
+    seed_value,
+)
 from .evaluation.cli import register_eval_command
 
 
@@ -37,24 +57,6 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors are one line (`unimedvl: error: …`) with exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"unimedvl: error: {message} (see `{self.prog} --help`)\n")
-
-
-def resolve_model_path(args) -> str:
-    """`--model`, else the environment variable UNIMEDVL_MODEL, else the shipped UniMedVL-Tiny."""
-    try:
-        path = default_model.resolve_model_path(args.model)
-    except FileNotFoundError as error:
-        raise CommandError(f"no model given and {error}") from None
-    if os.path.sep in path and not os.path.isdir(path):
-        raise CommandError(f"{path}: no such model folder.")
-    return path
 
 
 def parse_window(text: str | None):
@@ -73,10 +75,15 @@ def parse_window(text: str | None):
 
 def load_pipeline(args):
     """The `UniMedVLPipeline` (model, processor, scheduler) with the requested device, dtype and quantization."""
+    from modeling_unimedvl.safetensors_reader import CheckpointError
+
     from .pipeline_unimedvl import UniMedVLPipeline
 
+    check_device_available(args.device)
+    path = resolve_model_path(args.model)
+    quantized = args.load_in_4bit or args.load_in_8bit
     kwargs = {"dtype": DTYPES[args.dtype]}
-    if args.load_in_4bit or args.load_in_8bit:
+    if quantized:
         from .quantization import bnb_config
 
         compute = torch.float32 if args.dtype in ("auto", "float32") else DTYPES[args.dtype]
@@ -84,10 +91,29 @@ def load_pipeline(args):
         kwargs["device_map"] = "auto" if args.device == "auto" else args.device
     elif args.device == "auto":
         kwargs["device_map"] = "auto"
-    pipe = UniMedVLPipeline.from_pretrained(resolve_model_path(args), **kwargs)
-    if args.device != "auto" and not (args.load_in_4bit or args.load_in_8bit):
+    try:
+        pipe = UniMedVLPipeline.from_pretrained(path, **kwargs)
+    except (CheckpointError, CommandError, ImportError):
+        raise
+    except Exception as error:  # transformers / safetensors / torch raise many types for unusable folders
+        raise CommandError(f"{path}: cannot load the model ({type(error).__name__}: {one_line(error)}).") from None
+    if args.load_in_4bit:
+        from .quantization import cpu_4bit_problems
+
+        problems = cpu_4bit_problems(pipe.model)
+        if problems:
+            raise CommandError(
+                "--load-in-4bit cannot run this model on the CPU: bitsandbytes' CPU kernel needs quantized layers whose "
+                f"input size is a multiple of the block size and output size a multiple of 32, and {problems[0]} is not "
+                f"({len(problems)} such layers). Use a CUDA GPU (--device cuda), --load-in-8bit or no quantization."
+            )
+    if args.device != "auto" and not quantized:
         pipe = pipe.to(args.device)
     return pipe
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def load_input_image(args):
@@ -125,10 +151,11 @@ def run_report(args) -> int:
 
 
 def save_image(image, path: str) -> None:
+    """Writes `image` to `path` atomically (a temporary name renamed into place: never a partial file)."""
     try:
-        image.save(path)
+        save_image_atomically(image, path)
     except (OSError, ValueError) as error:
-        raise CommandError(f"{path}: cannot write the image ({error}).") from None
+        raise CommandError(f"{path}: cannot write the image ({one_line(error)}).") from None
     print(f"wrote {path}")
 
 
@@ -163,7 +190,7 @@ def run_edit(args) -> int:
 def run_convert(args) -> int:
     from modeling_unimedvl.convert import main as convert_main
 
-    return convert_main(args.convert_args)
+    return convert_main(args.convert_args, prog="unimedvl")
 
 
 # ------------------------------------------------------------------------------------------------------ parsers
@@ -171,13 +198,13 @@ def run_convert(args) -> int:
 
 def add_model_options(parser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="converted UniMedVL folder (or Hub id)")
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (device_map='auto'); default cpu")
+    add_model_path_option(group)
+    group.add_argument("--device", type=device_name, default="cpu", help="cpu, cuda, cuda:N, mps or auto (device_map='auto'); default cpu")
     group.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: as saved)")
     bits = group.add_mutually_exclusive_group()
     bits.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 quantization")
     bits.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit quantization")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--seed", type=seed_value, default=0, help="random seed, 0 … 2**64-1 (default 0)")
 
 
 def add_image_options(parser) -> None:
@@ -189,16 +216,16 @@ def add_image_options(parser) -> None:
 
 
 def add_text_options(parser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512, help="answer length limit (default 512)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 = greedy (default)")
 
 
 def add_generation_options(parser) -> None:
-    parser.add_argument("-o", "--output", required=True, help="output image file (PNG recommended)")
+    parser.add_argument("-o", "--output", type=output_image_path, required=True, help="output image file (PNG recommended)")
     parser.add_argument("--steps", type=int, default=50, help="schedule points (default 50 → 49 model steps)")
     parser.add_argument("--height", type=int, help="output height, multiple of 16")
     parser.add_argument("--width", type=int, help="output width, multiple of 16")
-    parser.add_argument("--guidance-scale", type=float, help="text guidance scale (default 4.0)")
+    parser.add_argument("--guidance-scale", type=finite_float, help="text guidance scale (default 4.0)")
 
 
 def register_ask(subparsers) -> None:
@@ -232,7 +259,7 @@ def register_edit(subparsers) -> None:
     add_image_options(parser)
     parser.add_argument("instruction", help="the instruction (edit, super-resolve, translate modality or stain, …)")
     add_generation_options(parser)
-    parser.add_argument("--image-guidance-scale", type=float, help="image guidance scale (default 2.0)")
+    parser.add_argument("--image-guidance-scale", type=finite_float, help="image guidance scale (default 2.0)")
     parser.add_argument("--understanding-first", action="store_true", help="answer the instruction first and append the answer (UniMedVL's editing flow)")
     add_model_options(parser)
     parser.set_defaults(handler=run_edit)
@@ -250,6 +277,7 @@ SUBCOMMANDS = (register_ask, register_report, register_generate, register_edit, 
 
 def build_parser(subcommands=SUBCOMMANDS) -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="unimedvl", description="UniMedVL: medical image understanding and generation.")
+    parser.add_argument("--version", action=VersionAction, help="print the versions of unimedvl and its key libraries")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineArgumentParser)
     for register in subcommands:
         register(subparsers)
@@ -268,7 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (CommandError, ImageLoadError, FileNotFoundError, ImportError, ValueError, OSError) as error:
-        print(f"unimedvl: error: {error}", file=sys.stderr)
+        print(f"unimedvl: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if os.environ.get("UNIMEDVL_TRACEBACK") == "1":
+            raise
+        print(
+            f"unimedvl: error: {type(error).__name__}: {one_line(error)} (set UNIMEDVL_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -1,5 +1,6 @@
 """diffusers pipelines of UniMedVL: text-to-image and image-conditioned generation (editing, super-resolution,
-T2 ↔ FLAIR, H&E → IHC, counterfactuals).
+T2 ↔ FLAIR, H&E → IHC, counterfactuals), with the original's think mode, its editing flow's understanding step and its
+VQA-with-reconstruction mode (`inference_ver=1`).
 
     from unimedvl_pipelines import UniMedVLPipeline, UniMedVLImg2ImgPipeline
     pipe = UniMedVLPipeline.from_pretrained("path/to/converted", dtype=torch.bfloat16).to("cuda")
@@ -14,19 +15,33 @@ component**: it lives inside the model as `model.model.vae` and the pipeline exp
 read-only property `pipe.vae` (`pipe.vae is pipe.model.model.vae`), so its weights exist once in memory and once on
 disk (inside the model's safetensors). `enable_model_cpu_offload()` therefore moves the model and its VAE together.
 
-The scheduler reproduces the original sampler exactly: `FlowMatchEulerDiscreteScheduler(shift=timestep_shift)` with
-`set_timesteps(sigmas=linspace(1, 0, num_inference_steps)[:-1])`, i.e. `num_inference_steps − 1` Euler steps
-(the model's `generate_image` does this with the scheduler it is given). Guidance follows BAGEL/UniMedVL:
-`guidance_scale` is the text scale (context without the prompt), `image_guidance_scale` the image scale (context
-without the input images), both active only while `cfg_interval[0] < sigma ≤ cfg_interval[1]`, followed by the
-`cfg_renorm_type` renormalisation (`"global"`, `"channel"`, `"text_channel"`) clamped below by `cfg_renorm_min`.
-Initial noise `[batch, h·w, 64]` is drawn on the CPU from `generator` (one generator, or one per image), as the
-original does, so the same seed gives the same image as `model.generate(generation_mode="image")`.
+The scheduler gives the original schedule: `FlowMatchEulerDiscreteScheduler(shift=timestep_shift)` with
+`set_timesteps(sigmas=linspace(1, 0, num_inference_steps)[:-1])`, i.e. `num_inference_steps − 1` Euler steps taken as
+the original takes them (the model's `generate_image` does this with the scheduler it is given). Guidance follows
+BAGEL/UniMedVL: `guidance_scale` is the text scale, `image_guidance_scale` the image scale, both active only while
+`cfg_interval[0] < sigma ≤ cfg_interval[1]`, followed by the `cfg_renorm_type` renormalisation (`"global"`,
+`"channel"`, `"text_channel"`) clamped below by `cfg_renorm_min`; the guidance contexts are built from the prompt
+and images as the original's `interleave_inference` builds them (`modeling_unimedvl.cfg_context_masks`).
+
+Defaults: the text-to-image defaults are the original BAGEL notebook's (`guidance_scale=4.0`,
+`image_guidance_scale=1.0`, `cfg_interval=(0.4, 1.0)`, `global`); the original inferencer's own default image scale
+for text-to-image is 1.5 (`UniMedVLForConditionalGeneration.generate_image` keeps it), which for a prompt without
+an image only extrapolates the conditional branch with a third model evaluation per step — pass
+`image_guidance_scale=1.5` to reproduce it. The editing defaults are UniMedVL's shipped editing flow's (below).
+
+Randomness: `generator` is one `torch.Generator` or one per image. A row's VAE posterior samples and then its initial
+noise (`[h·w, 64]`, CPU, float32) come from its generator, in the original's order, so the same seed gives the same
+image as `model.generate(generation_mode="image")` and a row of a batch the same image as its single run with that
+generator; a generator on another device than the draw is replaced by one there seeded with its `initial_seed()`
+(`modeling_unimedvl.sampling_unimedvl`). Text steps that sample (`text_do_sample=True`) use the global RNG, as
+transformers' `generate` does.
 
 Outputs: `"pil"` and `"np"` carry the original's 8-bit pixels `((x·0.5 + 0.5).clamp(0, 1)·255).to(uint8)`
-(truncation; `"np"` as float32 `[batch, H, W, 3]` = value / 255, so `(np · 255).round()` gives those bytes back),
-`"pt"` the unquantized `[batch, 3, H, W]` float pixels in [0, 1], `"latent"` the final latent tokens
-`[batch, h·w, 64]` (accepted back as `latents=`).
+(truncation, computed in the VAE's dtype as the original does; `"np"` as float32 `[batch, H, W, 3]` = value / 255, so
+`(np · 255).round()` gives those bytes back), `"pt"` the unquantized `[batch, 3, H, W]` float32 pixels in [0, 1],
+`"latent"` the final latent tokens `[batch, h·w, 64]` (accepted back as `latents=`). Rows of different sizes (inputs
+of different sizes without `height`/`width`) keep their own sizes; `"np"`, `"pt"` and `"latent"` are then lists with
+one array / tensor per image.
 
 Loading: `from_pretrained` reads both the converted transformers folder (`config.json` + safetensors + processor
 files; the scheduler is built with the default shift 3.0 unless a `scheduler/` folder exists) and the diffusers layout
@@ -49,6 +64,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
 from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor
+from modeling_unimedvl.sampling_unimedvl import check_sampler_arguments, generators_on
 
 from .medical_images import load_medical_image
 
@@ -56,28 +72,43 @@ from .medical_images import load_medical_image
 DEFAULT_TIMESTEP_SHIFT = 3.0
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 EDIT_ANSWER_SEPARATOR = "\n\n"
-"""UniMedVL's shipped editing flow appends the understanding answer to the instruction after this separator."""
+"""UniMedVL's shipped editing flow appends a non-empty understanding answer to the instruction after this separator."""
+UNDERSTANDING_MAX_THINK_TOKEN_N = 800
+"""Decoding steps of the editing flow's understanding answer (`codes/interactive_image_generator.py`)."""
+PLANNING_MAX_THINK_TOKEN_N = 1000
+"""Decoding steps of think mode's planning text (the default of the original's `interleave_inference`)."""
+SAMPLER_ARGUMENT_NAMES = {
+    "cfg_text_scale": "guidance_scale",
+    "cfg_img_scale": "image_guidance_scale",
+}
+"""The pipelines' names of the sampler arguments that the model calls otherwise."""
 
 
 @dataclass
 class UniMedVLPipelineOutput(BaseOutput):
     """`images`: list of PIL images, `np.ndarray` `[batch, H, W, 3]`, `torch.Tensor` `[batch, 3, H, W]` or latent tokens
-    `[batch, h·w, 64]`; `text`: the understanding answers appended to the prompts (`understanding_first=True`), else None."""
+    `[batch, h·w, 64]` (lists of per-image arrays / tensors when the images differ in size; `None` when nothing was
+    generated); `text`: one string per image: the planning text (`think=True`), the understanding answer
+    (`understanding_first=True`) or the VQA answer (`vqa_with_reconstruction`), else None."""
 
-    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | list | None
     text: list[str] | None = None
 
 
 def default_scheduler(timestep_shift: float = DEFAULT_TIMESTEP_SHIFT) -> FlowMatchEulerDiscreteScheduler:
-    """The scheduler that reproduces the original sampler (static shift, no dynamic shifting)."""
+    """The scheduler that gives the original schedule (static shift, no dynamic shifting)."""
     return FlowMatchEulerDiscreteScheduler(shift=timestep_shift)
 
 
-def postprocess_images(images: torch.Tensor, output_type: str):
-    """Decoded pixels `[batch, 3, H, W]` in [-1, 1] → `output_type` (see the module docstring)."""
-    pixels = (images.float() * 0.5 + 0.5).clamp(0, 1)
+def postprocess_images(images: torch.Tensor | list[torch.Tensor], output_type: str):
+    """Decoded pixels `[batch, 3, H, W]` in [-1, 1] (or a list of `[3, H, W]` of different sizes) → `output_type`
+    (see the module docstring). The 8-bit conversion runs in the images' dtype (the VAE's), as the original's."""
+    if isinstance(images, (list, tuple)):
+        converted = [postprocess_images(image[None], output_type)[0] for image in images]
+        return converted
+    pixels = (images * 0.5 + 0.5).clamp(0, 1)
     if output_type == "pt":
-        return pixels
+        return pixels.float()
     as_uint8 = (pixels * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     if output_type == "np":
         return as_uint8.astype(np.float32) / 255.0
@@ -92,6 +123,12 @@ def _onload(module: torch.nn.Module) -> None:
         hook.pre_forward(module)
 
 
+def _as_input_image(image):
+    """Paths (PNG/TIFF/DICOM/NIfTI) are read by `load_medical_image` with its defaults; PIL images, arrays and tensors
+    go to the processor as they are (the original's `convert("RGB")`, no windowing)."""
+    return load_medical_image(image) if isinstance(image, (str, os.PathLike)) else image
+
+
 class UniMedVLPipeline(DiffusionPipeline):
     r"""
     Text-to-image generation with UniMedVL (and image-conditioned generation when `image=` is given).
@@ -99,7 +136,7 @@ class UniMedVLPipeline(DiffusionPipeline):
     Args:
         model ([`UniMedVLForConditionalGeneration`]): the unified model; its VAE is `pipe.vae`.
         processor ([`UniMedVLProcessor`]): prompt and image preprocessing.
-        scheduler ([`FlowMatchEulerDiscreteScheduler`]): the rectified-flow sampler (`shift` = timestep shift).
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): the rectified-flow schedule (`shift` = timestep shift).
     """
 
     model_cpu_offload_seq = "model"
@@ -111,7 +148,7 @@ class UniMedVLPipeline(DiffusionPipeline):
         "cfg_interval": (0.4, 1.0),
         "cfg_renorm_type": "global",
     }
-    """Defaults of the original text-to-image settings (reference-model §13); editing uses `UniMedVLImg2ImgPipeline`."""
+    """Text-to-image defaults of the original BAGEL notebook (module docstring); editing uses `UniMedVLImg2ImgPipeline`."""
 
     def __init__(
         self,
@@ -191,7 +228,8 @@ class UniMedVLPipeline(DiffusionPipeline):
 
     def check_inputs(
         self, prompts, images, height, width, num_inference_steps, num_images_per_prompt, output_type,
-        cfg_interval, callback_on_step_end_tensor_inputs,
+        guidance_scale, image_guidance_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift,
+        callback_on_step_end_tensor_inputs,
     ) -> None:
         if not prompts or not all(isinstance(prompt, str) and prompt.strip() for prompt in prompts):
             raise ValueError(f"`prompt` must be a non-empty string or a list of non-empty strings, got {prompts!r}.")
@@ -199,16 +237,19 @@ class UniMedVLPipeline(DiffusionPipeline):
             raise ValueError(f"Got images for {len(images)} prompts but {len(prompts)} prompts; give one image (list) per prompt.")
         factor = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
-            if value is not None and (not isinstance(value, int) or value <= 0 or value % factor):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor):
                 raise ValueError(f"`{name}` must be a positive multiple of {factor}, got {value!r}.")
-        if num_inference_steps < 2:
-            raise ValueError(f"`num_inference_steps` must be at least 2 (one Euler step), got {num_inference_steps}.")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be at least 1, got {num_images_per_prompt}.")
+        if (height is None) != (width is None):
+            given, missing = ("height", "width") if width is None else ("width", "height")
+            raise ValueError(f"`{given}` was given without `{missing}`: give both (multiples of {factor}) or neither.")
+        check_sampler_arguments(
+            num_inference_steps, timestep_shift, guidance_scale, image_guidance_scale, cfg_interval, cfg_renorm_type,
+            cfg_renorm_min, names=SAMPLER_ARGUMENT_NAMES,
+        )
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be an integer of at least 1, got {num_images_per_prompt!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if len(cfg_interval) != 2 or not 0.0 <= cfg_interval[0] <= cfg_interval[1] <= 1.0:
-            raise ValueError(f"`cfg_interval` must be (low, high) with 0 <= low <= high <= 1, got {cfg_interval!r}.")
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(
@@ -228,11 +269,23 @@ class UniMedVLPipeline(DiffusionPipeline):
             return [[image[0]] for _ in range(num_prompts)]
         return [[item] for item in image]
 
-    def answer_instructions(self, prompts: list[str], images: list[list] | None, max_new_tokens: int) -> list[str]:
-        """UniMedVL's editing flow, step 1: greedy understanding answers to the instructions about their images."""
-        inputs = self.processor(images=images, text=prompts).to(self._execution_device)
-        generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return self.processor.decode_answers(generated[:, inputs["input_ids"].shape[1] :])
+    def answer_instructions(
+        self,
+        prompts: list[str],
+        images: list[list] | None,
+        max_think_token_n: int = UNDERSTANDING_MAX_THINK_TOKEN_N,
+        text_do_sample: bool = False,
+        text_temperature: float = 0.3,
+    ) -> list[str]:
+        """UniMedVL's editing flow, step 1: the understanding answers to the instructions about their images, as the
+        original's `interleave_inference(understanding_output=True)`: each image resized by the VAE-side transform and
+        then the ViT transform (`mode="interleave_understanding"`), the answer decoded by
+        `model.generate_text_segment` (at most `max_think_token_n − 1` tokens)."""
+        inputs = self.processor(images=images, text=prompts, mode="interleave_understanding").to(self._execution_device)
+        return self.model.generate_text_segment(
+            **inputs, tokenizer=self.processor.tokenizer, max_think_token_n=max_think_token_n,
+            do_sample=text_do_sample, temperature=text_temperature,
+        )
 
     # ------------------------------------------------------------------------------------------------ call
 
@@ -252,15 +305,17 @@ class UniMedVLPipeline(DiffusionPipeline):
         timestep_shift: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
+        latents: torch.Tensor | list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         understanding_first: bool = False,
-        understanding_max_new_tokens: int = 800,
-        vae_encode: str = "sample",
         think: bool = False,
+        max_think_token_n: int | None = None,
+        text_do_sample: bool = False,
+        text_temperature: float = 0.3,
+        vae_encode: str = "sample",
     ) -> UniMedVLPipelineOutput | tuple:
         r"""
         Generates images from prompts (and input images).
@@ -268,61 +323,82 @@ class UniMedVLPipeline(DiffusionPipeline):
         Args:
             prompt: the description / instruction, or a list of them (a batch).
             image: conditioning image(s): one for all prompts, one per prompt, or a list of images per prompt. PIL
-                images, arrays, tensors and paths (PNG/TIFF/DICOM/NIfTI, read with default windowing by
-                `load_medical_image`; call it yourself for a window or slice).
-            height, width: output size, multiples of 16 (default: the input image's VAE size, or the largest size of
-                the latent position table — 1024 for the released model — without an input image).
+                images, arrays and tensors go to the processor as they are (converted to RGB as the original does);
+                paths (PNG/TIFF/DICOM/NIfTI) are read by `load_medical_image` with its default windowing (call it
+                yourself for a window or slice).
+            height, width: output size, both or neither, multiples of 16 (default: each prompt's first input
+                image's VAE size, or the largest size of the latent position table — 1024 for the released model —
+                without an input image).
             num_inference_steps: schedule points; the sampler makes `num_inference_steps − 1` model evaluations per
                 guidance branch.
             guidance_scale: text guidance scale (`cfg_text_scale`; default 4.0); ≤ 1 disables guidance.
-            image_guidance_scale: image guidance scale (`cfg_img_scale`; default 1.0 here, 2.0 for editing).
+            image_guidance_scale: image guidance scale (`cfg_img_scale`; default 1.0 here — the original inferencer's
+                is 1.5, see the module docstring — and 2.0 for editing).
             cfg_interval: `(low, high)` sigma range with guidance (default (0.4, 1.0); editing (0.0, 1.0)).
             cfg_renorm_type: `"global"` (default), `"channel"` or `"text_channel"` (editing default).
             cfg_renorm_min: lower clamp of the renorm factor (0.0; raise it against blur).
             timestep_shift: overrides the scheduler's `shift` for this call (default: the scheduler's, 3.0).
             num_images_per_prompt: images per prompt (prompt order is kept: p0, p0, p1, p1, …).
-            generator: a CPU `torch.Generator` (or one per image) for the initial noise and the VAE posterior sample.
-            latents: initial noise tokens `[batch · num_images_per_prompt, h·w, 64]` instead of drawing them.
+            generator: a `torch.Generator` (or one per image) for the VAE posterior samples and the initial noise.
+            latents: initial noise tokens `[batch · num_images_per_prompt, h·w, 64]` instead of drawing them (a list
+                of `[h·w, 64]` when the images differ in size).
             output_type: `"pil"`, `"np"`, `"pt"` or `"latent"` (module docstring).
             return_dict: return a [`UniMedVLPipelineOutput`] (else `(images,)`, or `(images, text)`).
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict` after every Euler step; a
                 returned `"latents"` replaces the latents (`[batch, h·w, 64]`).
             callback_on_step_end_tensor_inputs: tensors passed in `callback_kwargs` (only `"latents"`).
-            understanding_first: UniMedVL's shipped editing flow — answer the instruction with the understanding
-                expert first (greedy, `understanding_max_new_tokens`), then generate from
-                `instruction + "\n\n" + answer`. The answers are returned as `text`.
+            understanding_first: UniMedVL's shipped editing flow — answer the instruction about its image(s) first
+                (`answer_instructions`), then generate from `instruction + "\n\n" + answer` (the instruction alone
+                when the answer is empty). The answers are returned as `text`.
+            think: the original's think mode — the planning system prompt, then a planning text generated on the
+                full context and appended to it (not to the guidance contexts), then the image; the planning texts
+                are returned as `text`. Not combined with `understanding_first`.
+            max_think_token_n: decoding steps of those text steps, as the original's (the last step's token is not
+                kept; default 800 for the understanding answer, 1000 for the planning text).
+            text_do_sample, text_temperature: sample those texts at this temperature (default greedy).
             vae_encode: `"sample"` (the original) or `"mean"` encoding of the input images.
-            think: prefill the original "planning" system prompt (think mode without the text-generation step).
         """
         defaults = self._default_guidance
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         image_guidance_scale = defaults["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale
-        cfg_interval = tuple(defaults["cfg_interval"] if cfg_interval is None else cfg_interval)
+        cfg_interval = defaults["cfg_interval"] if cfg_interval is None else cfg_interval
         cfg_renorm_type = defaults["cfg_renorm_type"] if cfg_renorm_type is None else cfg_renorm_type
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         images = self._images_per_prompt(image, len(prompts))
         self.check_inputs(
-            prompts, images, height, width, num_inference_steps, num_images_per_prompt, output_type, cfg_interval,
+            prompts, images, height, width, num_inference_steps, num_images_per_prompt, output_type, guidance_scale,
+            image_guidance_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift,
             callback_on_step_end_tensor_inputs,
         )
+        if understanding_first and think:
+            raise ValueError("Use `understanding_first` or `think`, not both: each adds its own text step.")
         if images is not None:
-            images = [[load_medical_image(item) for item in row] for row in images]
+            images = [[_as_input_image(item) for item in row] for row in images]
         self._guidance_scale, self._image_guidance_scale = guidance_scale, image_guidance_scale
         self._num_timesteps = num_inference_steps - 1
         self._current_timestep = None
         device = self._execution_device
         _onload(self.model)
 
-        answers = None
+        text = None
         if understanding_first:
-            answers = self.answer_instructions(prompts, images, understanding_max_new_tokens)
-            prompts = [f"{text}{EDIT_ANSWER_SEPARATOR}{answer}" for text, answer in zip(prompts, answers)]
-        prompts = [text for text in prompts for _ in range(num_images_per_prompt)]
+            steps = UNDERSTANDING_MAX_THINK_TOKEN_N if max_think_token_n is None else max_think_token_n
+            text = self.answer_instructions(prompts, images, steps, text_do_sample, text_temperature)
+            prompts = [f"{p}{EDIT_ANSWER_SEPARATOR}{answer}" if answer else p for p, answer in zip(prompts, text)]
+            text = [answer for answer in text for _ in range(num_images_per_prompt)]
+        prompts = [row_prompt for row_prompt in prompts for _ in range(num_images_per_prompt)]
         if images is not None:
             images = [row for row in images for _ in range(num_images_per_prompt)]
         inputs = self.processor(images=images, text=prompts, generation_mode="image", think=think).to(device)
+        thinking = {}
+        if think:
+            steps = PLANNING_MAX_THINK_TOKEN_N if max_think_token_n is None else max_think_token_n
+            thinking = dict(
+                think=True, tokenizer=self.processor.tokenizer, max_think_token_n=steps,
+                text_do_sample=text_do_sample, text_temperature=text_temperature,
+            )
 
         scheduler = self.scheduler
         if timestep_shift is not None:
@@ -348,37 +424,120 @@ class UniMedVLPipeline(DiffusionPipeline):
                 num_inference_steps=num_inference_steps,
                 cfg_text_scale=guidance_scale,
                 cfg_img_scale=image_guidance_scale,
-                cfg_interval=cfg_interval,
+                cfg_interval=tuple(cfg_interval),
                 cfg_renorm_type=cfg_renorm_type,
                 cfg_renorm_min=cfg_renorm_min,
                 latents=latents,
                 generator=generator,
                 vae_encode=vae_encode,
-                decode=False,
+                decode=output_type != "latent",
                 callback_on_step_end=on_step_end,
                 scheduler=scheduler,
+                **thinking,
             )
         self._current_timestep = None
-        final_latents = result.latents
-        if output_type == "latent":
-            output = final_latents
-        else:
-            height, width = self.model.output_size(height, width, inputs.get("vae_pixel_values"))
-            grid_h, grid_w = height // self.vae_scale_factor, width // self.vae_scale_factor
-            output = postprocess_images(self.model.decode_latents(final_latents, grid_h, grid_w), output_type)
+        if think:
+            text = result.text
+        output = result.latents if output_type == "latent" else postprocess_images(result.images, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (output,) if answers is None else (output, answers)
-        return UniMedVLPipelineOutput(images=output, text=answers)
+            return (output,) if text is None else (output, text)
+        return UniMedVLPipelineOutput(images=output, text=text)
+
+    # ------------------------------------------------------------------------------------------------ inference_ver=1
+
+    @torch.no_grad()
+    def vqa_with_reconstruction(
+        self,
+        image,
+        question: str,
+        reconstruct_image: bool = False,
+        max_think_token_n: int = 1000,
+        text_do_sample: bool = False,
+        text_temperature: float = 0.3,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.0,
+        image_guidance_scale: float = 1.5,
+        cfg_interval: tuple[float, float] = (0.4, 1.0),
+        cfg_renorm_type: str = "global",
+        cfg_renorm_min: float = 0.0,
+        timestep_shift: float = 3.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+    ) -> UniMedVLPipelineOutput:
+        r"""
+        The original's `InterleaveInferencer(image, text, inference_ver=1)`: VQA with the images encoded by the VAE
+        and the ViT, and optionally a "reconstruction" of every input image from the answer.
+
+        The images (one or a list, in order) enter as a clean VAE block and a ViT block each (posterior sample from
+        `generator`), then the question; the answer is decoded as `model.generate_text_segment` does
+        (`max_think_token_n`, greedy unless `text_do_sample`). With `reconstruct_image` and a non-blank answer, each
+        input image is then generated at its own VAE size from `[images, question, answer]`, with the text-guidance
+        context without the answer and the image-guidance context `[question, answer]`; every generated image is
+        appended (as a VAE block, encoded from its 8-bit pixels) to the full and text-guidance contexts before the
+        next one. Defaults are the original mode's (guidance 3.0 / 1.5 on (0.4, 1.0], global renorm, 50 steps,
+        shift 3). Returns `images` (`None` without reconstruction) and `text` (`[answer]`).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"`question` must be a non-empty string, got {question!r}.")
+        check_sampler_arguments(
+            num_inference_steps, timestep_shift, guidance_scale, image_guidance_scale, cfg_interval, cfg_renorm_type,
+            cfg_renorm_min, names=SAMPLER_ARGUMENT_NAMES,
+        )
+        images = [_as_input_image(item) for item in (image if isinstance(image, (list, tuple)) else [image])]
+        model, config, device = self.model, self.model.config, self._execution_device
+        _onload(model)
+        inputs = self.processor(images=images, text=question, mode="generation").to(device)
+        vae_generator = generators_on(generator, 1, self.vae.device)[0]
+        encoded, grids = model.model.encode_images(inputs["vae_pixel_values"], sample=True, generator=vae_generator)
+        vit_inputs = {"pixel_values": inputs["pixel_values"], "image_grid_hw": inputs["image_grid_hw"]}
+        answer = model.generate_text_segment(
+            inputs["input_ids"], inputs["attention_mask"], self.processor.tokenizer, max_think_token_n,
+            text_do_sample, text_temperature, latents=encoded, latent_grid_hw=grids, **vit_inputs,
+        )[0]
+        if not reconstruct_image or not answer.strip():
+            self.maybe_free_model_hooks()
+            return UniMedVLPipelineOutput(images=None, text=[answer])
+
+        tokens = self.processor.tokenizer.encode(answer, add_special_tokens=False)
+        context = torch.cat([inputs["input_ids"][:, :-1], torch.tensor([[config.bos_token_id, *tokens, config.eos_token_id]], device=device)], 1)
+        answer_span = torch.zeros_like(context, dtype=torch.bool)
+        answer_span[:, inputs["input_ids"].shape[1] - 1 :] = True
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config, shift=timestep_shift)
+        outputs = []
+        for index in range(len(images)):
+            height, width = (int(side) * self.vae_scale_factor for side in grids[index].tolist())
+            result = model.generate_image(
+                input_ids=context, image_latents=(encoded, grids), height=height, width=width,
+                num_inference_steps=num_inference_steps, cfg_text_scale=guidance_scale, cfg_img_scale=image_guidance_scale,
+                cfg_interval=tuple(cfg_interval), cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
+                cfg_text_mask=~answer_span, generator=generator, scheduler=scheduler,
+                **vit_inputs,
+            )
+            outputs.append(result.latents[0] if output_type == "latent" else result.images[0])
+            if index + 1 < len(images):
+                generated = postprocess_images(result.images, "pil")[0]
+                pixels = self.processor.image_processor(generated, mode="generation")["vae_pixel_values"][0]
+                new_tokens, new_grid = model.model.encode_images([pixels], sample=True, generator=vae_generator)
+                encoded, grids = torch.cat([encoded, new_tokens]), torch.cat([grids, new_grid])
+                block = [config.vision_start_token_id] + [config.latent_token_id] * new_tokens.shape[0] + [config.vision_end_token_id]
+                context = torch.cat([context, torch.tensor([block], device=device)], 1)
+                answer_span = torch.cat([answer_span, torch.zeros(1, len(block), dtype=torch.bool, device=device)], 1)
+        self.maybe_free_model_hooks()
+        output = outputs if output_type == "latent" else postprocess_images(outputs, output_type)
+        return UniMedVLPipelineOutput(images=output, text=[answer])
 
 
 class UniMedVLImg2ImgPipeline(UniMedVLPipeline):
     r"""
     Image-conditioned generation with UniMedVL: editing, super-resolution, modality translation (T2 ↔ FLAIR),
     stain translation (H&E → IHC) and counterfactuals. The input image enters the context as a clean VAE block and a
-    ViT block; the output has the input's VAE size unless `height`/`width` are given. Defaults are the original
+    ViT block; the output has the input's VAE size unless `height`/`width` are given. Defaults are UniMedVL's shipped
     editing settings: `guidance_scale=4.0`, `image_guidance_scale=2.0`, `cfg_interval=(0.0, 1.0)`,
-    `cfg_renorm_type="text_channel"`. Same components and arguments as [`UniMedVLPipeline`], but `image` is required.
+    `cfg_renorm_type="text_channel"` (with `understanding_first=True` for its answer step). Same components and
+    arguments as [`UniMedVLPipeline`], but `image` is required.
     """
 
     _default_guidance = {

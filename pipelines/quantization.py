@@ -65,4 +65,37 @@ def bnb_config(
     raise ValueError(f"bits must be 4 or 8, got {bits}.")
 
 
-__all__ = ["GENERATION_EXPERT_PATTERN", "QUANTIZATION_SKIP_MODULES", "bnb_config", "quantization_skip_modules"]
+CPU_4BIT_OUTPUT_MULTIPLE = 32
+"""bitsandbytes' CPU NF4 kernel packs the output features in blocks of 32."""
+
+
+def cpu_4bit_problems(model) -> list[str]:
+    """The 4-bit layers of `model` that bitsandbytes' CPU inference kernel cannot run, as `name (in→out)` strings.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks each `Linear4bit` for its CPU kernel on the first forward pass; that
+    needs the input size to be a multiple of the quantization block size and the output size a multiple of 32
+    (otherwise: "shape '[96, 1]' is invalid"). Empty when nothing is 4-bit, nothing is on the CPU, or the CPU has no
+    such kernel. bitsandbytes is imported only here, i.e. only when 4-bit loading was requested.
+    """
+    import bitsandbytes as bnb
+
+    problems = []
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu":
+            continue
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        blocksize = getattr(state, "blocksize", None) or getattr(module.weight, "blocksize", 64)
+        if module.in_features % blocksize or module.out_features % CPU_4BIT_OUTPUT_MULTIPLE:
+            problems.append(f"{name} ({module.in_features}→{module.out_features})")
+    return problems
+
+
+__all__ = [
+    "GENERATION_EXPERT_PATTERN",
+    "QUANTIZATION_SKIP_MODULES",
+    "bnb_config",
+    "cpu_4bit_problems",
+    "quantization_skip_modules",
+]

@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -62,11 +63,28 @@ def test_generate_and_edit_write_the_pipeline_images(converted_dir, reference_im
 
 def test_eval_scores_vqa_rad_questions(converted_dir, data_dir, tmp_path, capsys):
     output = tmp_path / "eval"
-    args = ["eval", "vqa", str(converted_dir), "--data", str(data_dir / "vqa_rad" / "testset.json"), "--output-dir", str(output),
+    args = ["eval", "vqa", "--model", str(converted_dir), "--data", str(data_dir / "vqa_rad" / "testset.json"), "--output-dir", str(output),
             "--limit", "2", "--max-new-tokens", "2", "--no-progress"]
     assert main(args) == 0
     assert "## VQA — testset.json" in capsys.readouterr().out
     assert len((output / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_takes_the_model_like_every_subcommand(data_dir, tmp_path, monkeypatch, capsys):
+    """`unimedvl eval` has `--model` (default: $UNIMEDVL_MODEL, else the shipped UniMedVL-Tiny), no positional path."""
+    from modeling_unimedvl import default_model
+
+    monkeypatch.delenv("UNIMEDVL_MODEL", raising=False)
+    output = tmp_path / "eval"
+    args = ["eval", "vqa", "--data", str(data_dir / "vqa_rad" / "testset.json"), "--output-dir", str(output), "--limit", "1",
+            "--max-new-tokens", "1", "--no-progress"]
+    assert main(args) == 0
+    assert json.loads((output / "run_config.json").read_text())["checkpoint"] == default_model.DEFAULT_MODEL_DIR
+    for command in ("ask", "report", "generate", "edit", "eval"):
+        subparser = build_parser()._subparsers._group_actions[0].choices[command]
+        if command == "eval":
+            subparser = subparser._subparsers._group_actions[0].choices["vqa"]
+        assert "--model" in subparser._option_string_actions, command
 
 
 def test_convert_delegates(reference_dir, tmp_path):
@@ -91,7 +109,7 @@ def test_bad_input_gives_one_line_errors(converted_dir, reference_image, tmp_pat
         (("edit", image, "i", "--model", converted_dir), 2, "the following arguments are required: -o/--output"),
         (("frobnicate",), 2, "invalid choice: 'frobnicate'"),
         (("ask", image, "q", "--bogus"), 2, "unrecognized arguments: --bogus"),
-        (("eval", "vqa", converted_dir), 1, "eval vqa: missing --data, --output-dir"),
+        (("eval", "vqa", "--model", converted_dir), 1, "eval vqa: missing --data, --output-dir"),
         (("eval", "bleu"), 2, "invalid choice: 'bleu'"),
     ]
     for args, status, message in cases:

@@ -96,7 +96,7 @@ def test_command_line_reports_one_line_errors(original_copy, tmp_path, capsys):
     (original_copy / "llm_config.json").unlink()
     assert main([str(original_copy), str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "missing llm_config.json" in error
+    assert error.startswith("unimedvl-convert: error: ") and "missing llm_config.json" in error
 
 
 def test_full_size_release_layout_validates(tmp_path):

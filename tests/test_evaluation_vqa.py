@@ -30,8 +30,15 @@ def vqa_rad(data_dir):
 
 
 def _lines(path):
+    """The prediction rows of an append-only predictions file (a fragment left by a killed write is not a row)."""
+    rows = []
     with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for line in handle:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def test_vqa_run_resume_and_rescore(tiny_model, small_processor, converted_dir, vqa_rad, tmp_path):
@@ -63,6 +70,7 @@ def test_vqa_run_resume_and_rescore(tiny_model, small_processor, converted_dir, 
     third = evaluate_vqa(str(converted_dir), str(vqa_rad), str(output), **kwargs)
     assert (third["timing"]["generated"], third["timing"]["resumed"]) == (1, 19)
     assert len(_lines(output / "predictions.jsonl")) == 20
+    assert (output / "predictions.jsonl").read_text().splitlines()[19] == text[-1][:30]  # appended after, never rewritten
     assert (
         _lines(output / "predictions.jsonl")[-1]["prediction"] == rows[-1]["prediction"]
     )  # greedy, same batch-free answer
@@ -137,6 +145,7 @@ def test_cli_standalone_and_registration(converted_dir, vqa_rad, tmp_path, capsy
     code = eval_main(
         [
             "vqa",
+            "--model",
             str(converted_dir),
             "--data",
             str(vqa_rad),
@@ -160,7 +169,8 @@ def test_cli_standalone_and_registration(converted_dir, vqa_rad, tmp_path, capsy
         eval_main(
             [
                 "vqa",
-                str(tmp_path / "none"),
+                "--model",
+                str(tmp_path),
                 "--data",
                 str(vqa_rad),
                 "--output-dir",
@@ -178,7 +188,7 @@ def test_cli_standalone_and_registration(converted_dir, vqa_rad, tmp_path, capsy
 
     parser = argparse.ArgumentParser(prog="unimedvl")
     register_eval_command(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "i2i", "ckpt", "--data", "d.jsonl", "--output-dir", "o", "--crop-border", "4"])
+    args = parser.parse_args(["eval", "i2i", "--model", "ckpt", "--data", "d.jsonl", "--output-dir", "o", "--crop-border", "4"])
     assert (args.eval_task, args.crop_border, args.cfg_img_scale, args.vae_encode) == ("i2i", 4, 2.0, "mean")
     with pytest.raises(SystemExit):
-        parser.parse_args(["eval", "generation", "ckpt", "--dtype", "int8"])
+        parser.parse_args(["eval", "generation", "--model", "ckpt", "--dtype", "int8"])

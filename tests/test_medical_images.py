@@ -123,17 +123,53 @@ def test_nifti_4d_volume_choice():
         load_medical_image(path, volume=2)
 
 
-def test_16_bit_png_and_tiff_are_normalised_not_clipped(tmp_path):
+def test_16_bit_png_and_tiff_default_to_the_original_conversion_minmax_on_request(tmp_path, caplog):
     values = np.array([[0, 1000], [30000, 60000]], dtype=np.uint16)
     values = np.kron(values, np.ones((4, 4), dtype=np.uint16)) + np.arange(8, dtype=np.uint16)
     for name in ("scan.png", "scan.tif"):
         Image.fromarray(values).save(tmp_path / name)
-        image = grey(load_medical_image(tmp_path / name))
+        caplog.clear()
+        image = grey(load_medical_image(tmp_path / name))  # the original: Image.open(path).convert("RGB") clips
+        assert np.array_equal(image, np.asarray(Image.open(tmp_path / name).convert("RGB"))[..., 0])
+        assert image[0, 3] == 3 and image[0, 4] == 255 and image[4, 0] == 255  # 3 kept, 1004 and 30000 clipped
+        assert f"{name}: I;16 values in [0, 60007] are clipped to 0..255" in caplog.text  # said, not silent
+        normalised = grey(load_medical_image(tmp_path / name, window="minmax"))
         low, high = values.min(), values.max()
-        assert np.array_equal(image, np.rint((values - low) / (high - low) * 255.0).astype(np.uint8))
-        assert image[4, 0] == 127 and image[0, 4] == 4  # clipping to 8 bit would give 255 for both
+        assert np.array_equal(normalised, np.rint((values - low) / (high - low) * 255.0).astype(np.uint8))
     windowed = grey(load_medical_image(tmp_path / "scan.png", window=(1000, 2000)))
     assert np.array_equal(windowed, apply_window(values, 1000, 2000))
+
+
+def test_ordinary_pil_images_equal_the_original_pil_img2rgb(tmp_path):
+    """The original's `pil_img2rgb`: RGBA / transparency composited on white (paste with the alpha mask), else
+    `convert("RGB")` (grey+alpha loses its alpha; I/F values clipped)."""
+    rng = np.random.default_rng(1)
+
+    def original(image):
+        if image.mode == "RGBA" or image.info.get("transparency", None) is not None:
+            image = image.convert("RGBA")
+            white = Image.new(mode="RGB", size=image.size, color=(255, 255, 255))
+            white.paste(image, mask=image.split()[3])
+            return white
+        return image.convert("RGB")
+
+    grey_alpha = Image.fromarray(rng.integers(0, 256, (9, 7, 2), dtype=np.uint8), mode="LA")
+    palette = Image.fromarray(rng.integers(0, 256, (9, 7), dtype=np.uint8)).convert("P")
+    palette.info["transparency"] = 3
+    images = [
+        grey_alpha,
+        Image.fromarray(rng.integers(0, 256, (9, 7, 4), dtype=np.uint8), mode="RGBA"),
+        palette,
+        Image.fromarray(rng.integers(-2000, 3000, (9, 7), dtype=np.int32), mode="I"),
+        Image.fromarray(rng.uniform(-5, 400, (9, 7)).astype(np.float32), mode="F"),
+        Image.fromarray(rng.integers(0, 256, (9, 7), dtype=np.uint8), mode="L"),
+    ]
+    for image in images:
+        assert np.array_equal(np.asarray(load_medical_image(image)), np.asarray(original(image))), image.mode
+        image.save(tmp_path / "x.tif") if image.mode in ("I", "F") else image.save(tmp_path / "x.png")
+        path = tmp_path / ("x.tif" if image.mode in ("I", "F") else "x.png")
+        assert np.array_equal(np.asarray(load_medical_image(path)), np.asarray(original(Image.open(path)))), image.mode
+    assert grey(load_medical_image(grey_alpha)).tolist() == np.asarray(grey_alpha)[..., 0].tolist()  # alpha dropped
 
 
 def test_multipage_tiff_and_arrays(tmp_path):
@@ -159,7 +195,7 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     with pytest.raises(ImageLoadError, match=r"missing\.dcm: no such file"):
         load_medical_image(tmp_path / "missing.dcm")
     (tmp_path / "junk.png").write_bytes(b"not an image at all")
-    with pytest.raises(ImageLoadError, match=r"junk\.png: not a readable image"):
+    with pytest.raises(ImageLoadError, match=r"junk\.png: not a readable image file"):
         load_medical_image(tmp_path / "junk.png")
     (tmp_path / "broken.dcm").write_bytes(b"\0" * 64)
     with pytest.raises(ImageLoadError, match=r"broken\.dcm: not a readable DICOM file"):
@@ -167,9 +203,9 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     (tmp_path / "broken.nii").write_bytes(b"\0" * 64)
     with pytest.raises(ImageLoadError, match=r"broken\.nii: not a readable NIfTI file"):
         load_medical_image(tmp_path / "broken.nii")
-    with pytest.raises(ImageLoadError, match="Unknown window 'lungs'"):
+    with pytest.raises(ImageLoadError, match="array: unknown window 'lungs'"):
         load_medical_image(np.zeros((4, 4), dtype=np.int16), window="lungs")
-    with pytest.raises(ImageLoadError, match="window width must be at least 1"):
+    with pytest.raises(ImageLoadError, match="array: the window width must be at least 1"):
         load_medical_image(np.zeros((4, 4), dtype=np.int16), window=(0, 0))
     with pytest.raises(ImageLoadError, match="unsupported image shape"):
         load_medical_image(np.zeros((2, 2, 2, 2)))

@@ -196,8 +196,10 @@ def test_generation_size_limits_are_enforced(tiny_model, tiny_processor):
     inputs = tiny_processor(text="A chest X-ray.", generation_mode="image")
     with pytest.raises(ValueError, match="multiples of 16 up to 1024 pixels, got 100x96"):
         tiny_model.generate(**inputs, generation_mode="image", height=100, width=96, num_inference_steps=2)
-    with pytest.raises(ValueError, match="cfg_renorm_type must be one of"):
+    with pytest.raises(ValueError, match="`cfg_renorm_type` must be one of"):
         tiny_model.generate(**inputs, generation_mode="image", height=64, width=64, cfg_renorm_type="bogus")
+    with pytest.raises(ValueError, match="`height` was given without `width`"):
+        tiny_model.generate(**inputs, generation_mode="image", height=64, num_inference_steps=2)
 
 
 def test_image_and_placeholder_counts_must_agree(tiny_model, tiny_processor, reference_image):

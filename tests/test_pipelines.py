@@ -137,24 +137,27 @@ def test_timestep_shift_override_leaves_the_scheduler_alone(pipe):
 
 
 def test_understanding_first_editing_flow(pipe, reference_image):
+    """The answer step sees the image as the original's interleave understanding does (VAE-side resize first), its
+    answer is the original's text segment, and it is appended to the instruction only when it is not empty."""
     edit = UniMedVLImg2ImgPipeline.from_pipe(pipe)
     edit.set_progress_bar_config(disable=True)
-    inputs = pipe.processor(images=reference_image, text=INSTRUCTION)
-    generated = pipe.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    answer = pipe.processor.decode_answers(generated[:, inputs["input_ids"].shape[1] :])[0]
-    result = edit(
-        INSTRUCTION, image=reference_image, understanding_first=True, understanding_max_new_tokens=4,
-        height=32, width=48, num_inference_steps=3, generator=seeded(), output_type="pt",
-    )
+    inputs = pipe.processor(images=reference_image, text=INSTRUCTION, mode="interleave_understanding")
+    answer = pipe.model.generate_text_segment(**inputs, tokenizer=pipe.processor.tokenizer, max_think_token_n=4)[0]
+    assert answer
+    kwargs = dict(image=reference_image, height=32, width=48, num_inference_steps=3, output_type="pt")
+    result = edit(INSTRUCTION, understanding_first=True, max_think_token_n=4, generator=seeded(), **kwargs)
     assert result.text == [answer]
     combined = INSTRUCTION + EDIT_ANSWER_SEPARATOR + answer
     reference = model_images(pipe.model, pipe.processor, combined, reference_image, height=32, width=48, num_inference_steps=3, **I2I)
     assert torch.equal(result.images, (reference.images * 0.5 + 0.5).clamp(0, 1))
     images, text = edit(
-        INSTRUCTION, image=reference_image, understanding_first=True, understanding_max_new_tokens=4, height=32, width=48,
-        num_inference_steps=3, generator=seeded(), output_type="pt", return_dict=False,
+        INSTRUCTION, understanding_first=True, max_think_token_n=4, generator=seeded(), return_dict=False, **kwargs
     )
     assert text == [answer] and torch.equal(images, result.images)
+    # One decoding step keeps no token: an empty answer leaves the instruction as it is.
+    empty = edit(INSTRUCTION, understanding_first=True, max_think_token_n=1, generator=seeded(), **kwargs)
+    plain = edit(INSTRUCTION, generator=seeded(), **kwargs)
+    assert empty.text == [""] and torch.equal(empty.images, plain.images)
 
 
 def test_save_load_round_trips(pipe, converted_dir, tmp_path):
@@ -196,7 +199,8 @@ def test_bad_inputs(pipe, reference_image, tmp_path):
         (dict(prompt=PROMPT, cfg_interval=(0.5, 0.2)), "cfg_interval"),
         (dict(prompt=[PROMPT, PROMPT], image=[reference_image] * 3), "images for 3 prompts but 2 prompts"),
         (dict(prompt=PROMPT, callback_on_step_end_tensor_inputs=["noise"]), r"may only hold \['latents'\]"),
-        (dict(prompt=PROMPT, cfg_renorm_type="none", height=32, width=32, num_inference_steps=2), "cfg_renorm_type must be one of"),
+        (dict(prompt=PROMPT, cfg_renorm_type="none", height=32, width=32, num_inference_steps=2), "`cfg_renorm_type` must be one of"),
+        (dict(prompt=PROMPT, understanding_first=True, think=True), "not both"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -99,3 +99,38 @@ def test_dtype_and_device_map_auto(converted_dir):
     pipe.set_progress_bar_config(disable=True)
     image = pipe("A chest X-ray.", height=32, width=32, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("config", [BitsAndBytesConfig(load_in_4bit=True), BitsAndBytesConfig(load_in_8bit=True)], ids=["4bit", "8bit"])
+def test_a_plain_bitsandbytes_config_keeps_the_declared_modules(converted_dir, tiny_model, tiny_processor, reference_image, config):
+    """The model class declares what must stay unquantized (`_keep_in_fp32_modules`), so no skip list is needed."""
+    model = UniMedVLForConditionalGeneration.from_pretrained(converted_dir, quantization_config=config, device_map="cpu")
+    types = linear_types(model)
+    assert all(types[name] == "Linear" for name in KEPT)
+    assert types["model.language_model.layers.0.mlp.gate_proj"] in ("Linear4bit", "Linear8bitLt")
+    inputs = tiny_processor(images=reference_image, text="What modality is this image?")
+    quantized, full = model(**inputs).logits[0, -1], tiny_model(**inputs).logits[0, -1]
+    assert torch.isfinite(quantized).all()
+    assert torch.nn.functional.cosine_similarity(quantized, full, dim=0) > 0.9
+    noise = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
+    # bitsandbytes' CPU 4-bit inference kernel cannot run the tiny 32-wide ViT: image-to-image only in 8 bit.
+    images = [reference_image] if config.load_in_8bit else None
+    edit_inputs = tiny_processor(images=images, text="Increase the resolution.", generation_mode="image")
+    image = model.generate(**edit_inputs, generation_mode="image", height=32, width=32, num_inference_steps=2, latents=noise)
+    assert image.images.shape == (1, 3, 32, 32) and torch.isfinite(image.images).all()
+
+
+def test_float16_loading_keeps_precision_critical_modules_in_float32(converted_dir, tiny_processor, reference_image):
+    model = UniMedVLForConditionalGeneration.from_pretrained(converted_dir, dtype=torch.float16)
+    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    for name in ("lm_head.weight", "llm2vae.weight", "model.vae2llm.weight", "model.time_embedder.linear_1.weight",
+                 "model.connector.fc1.weight", "model.vision_tower.embeddings.patch_embedding.weight",
+                 "model.vae.decoder.conv_out.weight"):
+        assert dtypes[name] == torch.float32, name
+    assert dtypes["model.language_model.layers.0.mlp.up_proj.weight"] == torch.float16
+    inputs = tiny_processor(images=reference_image, text="What modality is this image?")
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
+    edit_inputs = tiny_processor(images=reference_image, text="Increase the resolution.", generation_mode="image")
+    image = model.generate(**edit_inputs, generation_mode="image", height=32, width=32, num_inference_steps=2)
+    assert torch.isfinite(image.images).all()

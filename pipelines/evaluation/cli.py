@@ -1,38 +1,53 @@
-"""`unimedvl eval {vqa,report,generation,i2i}` and `python -m unimedvl_pipelines.evaluation ...`."""
+"""`unimedvl eval {vqa,report,generation,i2i} --data ... --output-dir ... [--model PATH]` and
+`python -m unimedvl_pipelines.evaluation ...`.
+
+The model is given as in every other `unimedvl` sub-command: `--model PATH` (default: $UNIMEDVL_MODEL, else the shipped
+UniMedVL-Tiny, via `modeling_unimedvl.resolve_model_path`).
+"""
 
 import argparse
 import os
 import sys
 
+from ..cli_arguments import (
+    OneLineArgumentParser,
+    add_model_path_option,
+    check_device_available,
+    device_name,
+    finite_float,
+    non_negative_float,
+    positive_int,
+    resolve_model_path,
+    seed_value,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _add_common(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    parser.add_argument(
-        "checkpoint", nargs="?", help="converted UniMedVL checkpoint folder (not needed with --predictions)"
-    )
+    add_model_path_option(parser)
     parser.add_argument("--data", help="evaluation set, JSON or JSONL")
     parser.add_argument("--output-dir", help="folder for predictions.jsonl, run_config.json, metrics.json, summary.md")
     parser.add_argument("--predictions", help="re-score an existing predictions.jsonl instead of running the model")
     parser.add_argument("--image-dir", help="folder of the images named in --data (default: <data folder>/images)")
-    parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--limit", type=int, help="evaluate only the first N valid rows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size)
+    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N valid rows")
+    parser.add_argument("--seed", type=seed_value, default=0)
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--overwrite", action="store_true", help="delete earlier predictions in --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_sampling(parser: argparse.ArgumentParser, cfg_img_scale: float | None, cfg_interval, renorm: str) -> None:
-    parser.add_argument("--num-inference-steps", type=int, default=50)
-    parser.add_argument("--cfg-text-scale", type=float, default=4.0)
+    parser.add_argument("--num-inference-steps", type=positive_int, default=50)
+    parser.add_argument("--cfg-text-scale", type=finite_float, default=4.0)
     if cfg_img_scale is not None:
-        parser.add_argument("--cfg-img-scale", type=float, default=cfg_img_scale)
-    parser.add_argument("--cfg-interval", type=float, nargs=2, default=cfg_interval, metavar=("LOW", "HIGH"))
+        parser.add_argument("--cfg-img-scale", type=finite_float, default=cfg_img_scale)
+    parser.add_argument("--cfg-interval", type=finite_float, nargs=2, default=cfg_interval, metavar=("LOW", "HIGH"))
     parser.add_argument("--cfg-renorm-type", default=renorm, choices=["global", "channel", "text_channel"])
-    parser.add_argument("--cfg-renorm-min", type=float, default=0.0)
-    parser.add_argument("--timestep-shift", type=float, default=3.0)
+    parser.add_argument("--cfg-renorm-min", type=non_negative_float, default=0.0)
+    parser.add_argument("--timestep-shift", type=finite_float, default=3.0)
 
 
 def register_eval_command(subparsers) -> argparse.ArgumentParser:
@@ -46,32 +61,32 @@ def register_eval_command(subparsers) -> argparse.ArgumentParser:
 
     vqa = tasks.add_parser("vqa", help="closed/open VQA accuracy (VQA-RAD, SLAKE, PathVQA JSON/JSONL)")
     _add_common(vqa, batch_size=8)
-    vqa.add_argument("--max-new-tokens", type=int, default=32)
+    vqa.add_argument("--max-new-tokens", type=positive_int, default=32)
     vqa.add_argument("--prompt-template", default="{question}", help="format string with {question}")
 
     report = tasks.add_parser("report", help="BLEU-1..4, ROUGE-L, METEOR, CIDEr-D on image + report pairs")
     _add_common(report, batch_size=4)
-    report.add_argument("--max-new-tokens", type=int, default=128)
+    report.add_argument("--max-new-tokens", type=positive_int, default=128)
     report.add_argument("--prompt", default="Describe the findings of this medical image.")
-    report.add_argument("--max-images", type=int, default=1, help="images per case for MedPix findings rows")
+    report.add_argument("--max-images", type=positive_int, default=1, help="images per case for MedPix findings rows")
     report.add_argument("--wordnet-dir", help="local WordNet dict folder for METEOR (else nltk's data path)")
 
     generation = tasks.add_parser("generation", help="FID / KID per modality and MS-SSIM diversity of text-to-image")
     _add_common(generation, batch_size=4)
     _add_sampling(generation, None, [0.4, 1.0], "global")
-    generation.add_argument("--height", type=int, default=512)
-    generation.add_argument("--width", type=int, default=512)
-    generation.add_argument("--samples-per-prompt", type=int, default=1)
+    generation.add_argument("--height", type=positive_int, default=512)
+    generation.add_argument("--width", type=positive_int, default=512)
+    generation.add_argument("--samples-per-prompt", type=positive_int, default=1)
     generation.add_argument(
         "--feature-extractor", help="package.module:factory returning an nn.Module [N,3,S,S] -> [N,d]"
     )
     generation.add_argument(
         "--inception-weights", help="local torch-fidelity Inception-v3 weights (needs torch-fidelity)"
     )
-    generation.add_argument("--feature-image-size", type=int, default=299)
-    generation.add_argument("--kid-subset-size", type=int, default=1000)
-    generation.add_argument("--kid-subsets", type=int, default=100)
-    generation.add_argument("--ms-ssim-scales", type=int, default=5)
+    generation.add_argument("--feature-image-size", type=positive_int, default=299)
+    generation.add_argument("--kid-subset-size", type=positive_int, default=1000)
+    generation.add_argument("--kid-subsets", type=positive_int, default=100)
+    generation.add_argument("--ms-ssim-scales", type=positive_int, default=5)
 
     i2i = tasks.add_parser("i2i", help="PSNR / SSIM of image-to-image outputs against targets")
     _add_common(i2i, batch_size=4)
@@ -126,19 +141,13 @@ def run_eval_command(args) -> int:
                 "eval generation re-scores by rerunning with the same --output-dir (finished images are reused)."
             )
     else:
-        missing = [
-            flag
-            for flag, value in (
-                ("checkpoint", args.checkpoint),
-                ("--data", args.data),
-                ("--output-dir", args.output_dir),
-            )
-            if not value
-        ]
+        missing = [flag for flag, value in (("--data", args.data), ("--output-dir", args.output_dir)) if not value]
         if missing:
             raise ValueError(
                 f"eval {args.eval_task}: missing {', '.join(missing)} (or pass --predictions to re-score)."
             )
+        check_device_available(args.device)
+        args.checkpoint = resolve_model_path(args.model)
         common = _common_kwargs(args)
         if args.eval_task == "vqa":
             result = evaluate_vqa(
@@ -195,8 +204,8 @@ def run_eval_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point: `python -m unimedvl_pipelines.evaluation {vqa,report,generation,i2i} ...`."""
-    parser = argparse.ArgumentParser(prog="python -m unimedvl_pipelines.evaluation")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineArgumentParser(prog="python -m unimedvl_pipelines.evaluation")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineArgumentParser)
     register_eval_command(subparsers)
     args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
     try:

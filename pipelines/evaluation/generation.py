@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from modeling_unimedvl.atomic_files import save_image
+
 from .image_metrics import (
     extract_features,
     fid_kid_from_features,
@@ -239,7 +241,7 @@ def evaluate_generation(
         rows = []
         for (record, sample), image, sample_seed in zip(batch, images, seeds):
             path = os.path.join(image_folder, f"{file_stem(record['id'])}_{sample}.png")
-            image.save(path)
+            save_image(image, path)
             rows.append(
                 {
                     "id": f"{record['id']}#{sample}",

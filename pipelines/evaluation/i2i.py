@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modeling_unimedvl.atomic_files import save_image
+
+from ..medical_images import ImageLoadError, open_image_file
 from .image_metrics import psnr_ssim
 from .predictions import PredictionStore, file_stem, open_run
 from .records import load_i2i_records
@@ -37,10 +40,10 @@ def score_i2i_pairs(items: list[dict], crop_border: int = 0) -> dict:
     """
     per_task, resized, infinite = defaultdict(list), 0, 0
     for item in items:
-        with Image.open(item["target"]) as target_file:
+        with open_image_file(item["target"]) as target_file:
             mode = "L" if target_file.mode in ("L", "I", "I;16", "F", "1") else "RGB"
             target = target_file.convert(mode)
-        with Image.open(item["generated"]) as generated_file:
+        with open_image_file(item["generated"]) as generated_file:
             prediction = generated_file.convert(mode)
         if prediction.size != target.size:
             prediction = prediction.resize(target.size, Image.Resampling.BICUBIC)
@@ -165,7 +168,7 @@ def evaluate_i2i(
         for record in batch:
             try:
                 source = open_rgb(record["image"])
-            except OSError as error:
+            except (ImageLoadError, OSError) as error:
                 data_report.skip("unreadable_image", f"{record['image']} ({error})")
                 continue
             by_size[source.size].append((record, source))
@@ -182,7 +185,7 @@ def evaluate_i2i(
             rows = []
             for (record, _), image in zip(group, outputs):
                 path = os.path.join(image_folder, f"{file_stem(record['id'])}.png")
-                image.save(path)
+                save_image(image, path)
                 rows.append(dict(record, generated=path))
             store.add(rows)
     items = [store.items[record["id"]] for record in records if record["id"] in store]

@@ -34,6 +34,8 @@ from torchmetrics.functional.image import (
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from ..medical_images import open_image_file
+
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -41,7 +43,8 @@ SSIM_SIGMA = 1.5
 
 def load_image_tensor(path: str, size: int | None = None, grayscale: bool = False) -> torch.Tensor:
     """`[C, H, W]` float in [0, 1] (C = 1 if `grayscale` else 3); resized to `size x size` (bicubic) when given."""
-    image = Image.open(path).convert("L" if grayscale else "RGB")
+    with open_image_file(path) as file:
+        image = file.convert("L" if grayscale else "RGB")
     if size is not None:
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 255.0

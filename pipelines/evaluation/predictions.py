@@ -1,7 +1,16 @@
-"""Append-only JSONL prediction files that make evaluation runs resumable and re-scorable."""
+"""Append-only JSONL prediction files that make evaluation runs resumable and re-scorable.
+
+`predictions.jsonl` is only ever appended to (each batch flushed and fsync'ed, `atomic_files.append_lines`), never
+rewritten: a run killed at any moment keeps every prediction written before; a partial last line is ended with a
+newline before the next append and skipped when read. `run_config.json` is written atomically.
+"""
 
 import json
 import os
+
+from modeling_unimedvl.atomic_files import append_lines, write_json
+from modeling_unimedvl.loading_checks import read_json_object
+from modeling_unimedvl.safetensors_reader import CheckpointError
 
 RUN_CONFIG_NAME = "run_config.json"
 PREDICTIONS_NAME = "predictions.jsonl"
@@ -10,8 +19,13 @@ PREDICTIONS_NAME = "predictions.jsonl"
 class PredictionStore:
     """Predictions of one run, one JSON object per line, keyed by the record's `id`.
 
-    Existing lines are loaded on creation so a rerun skips finished items; a truncated last line (a run killed while
-    writing) is dropped and counted in `truncated_lines`. Each `add` is flushed so a crash loses at most one batch.
+    Existing lines are loaded on creation so a rerun skips finished items; lines that are not JSON (a write cut by a
+    crash) are skipped and counted in `truncated_lines`. Each `add` is appended, flushed and fsync'ed, so a crash
+    loses at most the batch being written, and nothing written before.
+
+    Raises:
+        ValueError: a line that is JSON but not an object with an `"id"` (not a prediction file of this package),
+            naming the file and line.
     """
 
     def __init__(self, path: str):
@@ -22,21 +36,27 @@ class PredictionStore:
             self._load()
 
     def _load(self) -> None:
-        valid_lines = []
-        with open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError:
-                    self.truncated_lines += 1
-                    continue
-                self.items[str(item["id"])] = item
-                valid_lines.append(json.dumps(item, ensure_ascii=False))
-        if self.truncated_lines:  # rewrite without the broken lines so later appends stay parseable
-            with open(self.path, "w", encoding="utf-8") as handle:
-                handle.writelines(line + "\n" for line in valid_lines)
+        try:
+            handle = open(self.path, encoding="utf-8", errors="strict")
+            with handle:
+                lines = list(handle)
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{self.path} is not a UTF-8 predictions file ({error.reason} at byte {error.start}).") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                self.truncated_lines += 1
+                continue
+            if not isinstance(item, dict) or item.get("id") is None:
+                what = "has no \"id\"" if isinstance(item, dict) else f"is a JSON {type(item).__name__}, not an object"
+                raise ValueError(
+                    f"{self.path}:{number}: the prediction row {what}; every line must be a JSON object with the item's "
+                    '"id" (a predictions.jsonl written by unimedvl eval).'
+                )
+            self.items[str(item["id"])] = item
 
     def __contains__(self, item_id: str) -> bool:
         return str(item_id) in self.items
@@ -56,12 +76,11 @@ class PredictionStore:
         }
 
     def add(self, items: list[dict]) -> None:
+        """Appends `items` (dicts with an `"id"`) as one flushed and fsync'ed write."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            for item in items:
-                self.items[str(item["id"])] = item
-                handle.write(json.dumps(item, ensure_ascii=False) + "\n")
-            handle.flush()
+        append_lines(self.path, [json.dumps(item, ensure_ascii=False) for item in items])
+        for item in items:
+            self.items[str(item["id"])] = item
 
 
 def file_stem(item_id: str) -> str:
@@ -74,8 +93,14 @@ def load_run_config(folder: str) -> dict:
     path = os.path.join(folder, RUN_CONFIG_NAME)
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return _read_run_config(path)
+
+
+def _read_run_config(path: str) -> dict:
+    try:
+        return read_json_object(path)
+    except CheckpointError as error:
+        raise ValueError(f"{error} Delete it or pass --overwrite.") from None
 
 
 def open_run(output_dir: str, config: dict, overwrite: bool = False) -> PredictionStore:
@@ -84,22 +109,22 @@ def open_run(output_dir: str, config: dict, overwrite: bool = False) -> Predicti
     A folder whose saved settings differ is refused (resuming would mix settings); `overwrite` deletes the old
     predictions and starts afresh.
     """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output-dir {output_dir} is a file; give a folder.")
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, RUN_CONFIG_NAME)
     predictions_path = os.path.join(output_dir, PREDICTIONS_NAME)
     if overwrite and os.path.isfile(predictions_path):
         os.remove(predictions_path)
     if os.path.isfile(path) and not overwrite:
-        with open(path, encoding="utf-8") as handle:
-            saved = json.load(handle)
+        saved = _read_run_config(path)
         changed = sorted(key for key in set(saved) | set(config) if saved.get(key) != config.get(key))
         if changed:
             raise ValueError(
                 f"{output_dir} holds predictions made with different settings ({', '.join(changed)}); resuming would "
                 "mix them. Use a new output folder, or pass --overwrite to delete the old predictions."
             )
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(config, handle, indent=2, sort_keys=True)
+    write_json(path, config, sort_keys=True)
     return PredictionStore(predictions_path)
 
 

@@ -6,6 +6,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..medical_images import ImageLoadError
 from .predictions import PredictionStore, load_run_config, open_run
 from .records import load_report_records
 from .runner import generate_answers, in_batches, model_for_run, open_rgb, run_device_dtype
@@ -96,7 +97,7 @@ def evaluate_report(
         for record in batch:
             try:
                 readable.append((record, [open_rgb(path) for path in record["images"]]))
-            except OSError as error:
+            except (ImageLoadError, OSError) as error:
                 data_report.skip("unreadable_image", f"{record['images']} ({error})")
         if not readable:
             continue

@@ -7,6 +7,8 @@ from PIL import Image
 
 import modeling_unimedvl
 
+from ..cli_arguments import check_device_available
+from ..medical_images import load_medical_image
 from ..pipeline_unimedvl import postprocess_images
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -16,6 +18,10 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
     """`auto` = CUDA with bfloat16 when available, else CPU with float32."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        check_device_available(str(device))
+    except RuntimeError:
+        raise ValueError(f"invalid device {device!r}: use auto, cpu, cuda or cuda:N.") from None
     device = torch.device(device)
     if dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -55,8 +61,9 @@ def item_seed(seed: int, item_id: str, sample: int = 0) -> int:
 
 
 def open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """The image file `path` as an RGB PIL image (`load_medical_image`: PNG/JPEG/TIFF as the original reads them,
+    DICOM and NIfTI windowed); raises `ImageLoadError` naming the file when it cannot be read."""
+    return load_medical_image(path)
 
 
 @torch.no_grad()

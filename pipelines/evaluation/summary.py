@@ -1,8 +1,9 @@
 """Markdown / JSON summaries of evaluation runs, ready to paste into a model card."""
 
-import json
 import math
 import os
+
+from modeling_unimedvl.atomic_files import write_json, write_text
 
 METRICS_NAME = "metrics.json"
 SUMMARY_NAME = "summary.md"
@@ -54,13 +55,11 @@ def input_and_timing_lines(result: dict, generated: str) -> list[str]:
 
 
 def write_summary(output_dir: str, result: dict, markdown: str) -> dict:
-    """Writes `metrics.json` (the full result) and `summary.md`; returns the paths written."""
+    """Writes `metrics.json` (the full result) and `summary.md`, each atomically; returns the paths written."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {"metrics": os.path.join(output_dir, METRICS_NAME), "summary": os.path.join(output_dir, SUMMARY_NAME)}
-    with open(paths["metrics"], "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2, sort_keys=True)
-    with open(paths["summary"], "w", encoding="utf-8") as handle:
-        handle.write(markdown.rstrip() + "\n")
+    write_json(paths["metrics"], result, sort_keys=True)
+    write_text(paths["summary"], markdown.rstrip() + "\n")
     return paths
 
 

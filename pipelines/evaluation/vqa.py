@@ -6,6 +6,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..medical_images import ImageLoadError
 from .predictions import PredictionStore, load_run_config, open_run
 from .records import load_vqa_records
 from .runner import generate_answers, in_batches, model_for_run, open_rgb, run_device_dtype
@@ -125,7 +126,7 @@ def evaluate_vqa(
         for record in batch:
             try:
                 readable.append((record, open_rgb(record["image"])))
-            except OSError as error:
+            except (ImageLoadError, OSError) as error:
                 data_report.skip("unreadable_image", f"{record['image']} ({error})")
         if not readable:
             continue
