@@ -7,6 +7,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 
 from .loading_checks import checked_processor_from_pretrained
+from .safetensors_reader import CheckpointError  # what loading raises; a direct import, so that remote-code
+# loaders which copy only a module's own relative imports (diffusers) bring this file along
 
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -106,7 +108,13 @@ class UniMedVLProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """`ProcessorMixin.from_pretrained` that refuses a missing or damaged tokenizer and non-positive image sizes
-        with an error naming the file; see `loading_checks`."""
+        with an error naming the file; see `loading_checks`.
+
+        When this class itself runs as a folder's code (loaded as remote code, e.g. a component of
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`, which does not pass that flag on), the
+        folder's image processor is that same code and is trusted with it."""
+        if not cls.__module__.startswith("modeling_unimedvl."):
+            kwargs.setdefault("trust_remote_code", True)
         return checked_processor_from_pretrained(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
 
     def _token_id(self, token: str) -> int:
@@ -307,6 +315,7 @@ def _split_images(images, prompts: list[str]) -> list[list]:
 
 
 __all__ = [
+    "CheckpointError",
     "UniMedVLProcessor",
     "UniMedVLProcessorKwargs",
     "CHAT_TEMPLATE",

@@ -45,8 +45,13 @@ from typing import Union
 
 import numpy as np
 import torch
-from modeling_unimedvl.image_processing_unimedvl import to_rgb
 from PIL import Image
+
+
+try:
+    from modeling_unimedvl.image_processing_unimedvl import to_rgb
+except ImportError:  # a saved pipeline folder loaded as remote code carries the image processor next to this file
+    from .image_processing_unimedvl import to_rgb
 
 
 logger = logging.getLogger(__name__)

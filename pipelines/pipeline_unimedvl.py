@@ -52,7 +52,9 @@ and no `interrupt` (the denoising loop runs inside the model's `generate_image`)
 """
 
 import inspect
+import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,10 +65,17 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 
-from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor
-from modeling_unimedvl.sampling_unimedvl import check_sampler_arguments, generators_on
-
 from .medical_images import load_medical_image
+
+
+try:
+    from modeling_unimedvl.atomic_files import staged_folder, write_json
+    from modeling_unimedvl.image_processing_unimedvl import to_rgb
+    from modeling_unimedvl.sampling_unimedvl import check_sampler_arguments, generators_on
+except ImportError:  # loaded by `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` without the package:
+    from .atomic_files import staged_folder, write_json  # the saved folder carries these files next to this one
+    from .image_processing_unimedvl import to_rgb
+    from .sampling_unimedvl import check_sampler_arguments, generators_on
 
 
 DEFAULT_TIMESTEP_SHIFT = 3.0
@@ -77,6 +86,10 @@ UNDERSTANDING_MAX_THINK_TOKEN_N = 800
 """Decoding steps of the editing flow's understanding answer (`codes/interactive_image_generator.py`)."""
 PLANNING_MAX_THINK_TOKEN_N = 1000
 """Decoding steps of think mode's planning text (the default of the original's `interleave_inference`)."""
+PIPELINE_CODE_MODULE = "pipeline_unimedvl"
+"""Module name of the pipeline code in a saved folder (`model_index.json` `_class_name`: [module, class])."""
+COMPONENT_CODE_MODULES = {"model": "modeling_unimedvl", "processor": "processing_unimedvl"}
+"""Module file of each custom component's code inside its subfolder (written there by its `save_pretrained`)."""
 SAMPLER_ARGUMENT_NAMES = {
     "cfg_text_scale": "guidance_scale",
     "cfg_img_scale": "image_guidance_scale",
@@ -152,8 +165,8 @@ class UniMedVLPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        model: UniMedVLForConditionalGeneration,
-        processor: UniMedVLProcessor,
+        model: "UniMedVLForConditionalGeneration",
+        processor: "UniMedVLProcessor",
         scheduler: FlowMatchEulerDiscreteScheduler,
     ):
         super().__init__()
@@ -189,11 +202,14 @@ class UniMedVLPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Loads a converted transformers folder (flat layout) or a diffusers-layout folder / Hub repo.
+        """Loads this pipeline class from a diffusers-layout folder (`save_pretrained`: `model_index.json`, `model/`,
+        `processor/`, `scheduler/`), a converted transformers folder (flat: `config.json`, weights, processor files) or
+        a Hub repo of either, with the installed package's classes (no remote code runs).
 
-        Flat layout: `model`, `processor`, `scheduler` may be passed ready-made; every other keyword argument
-        (`dtype` / `torch_dtype`, `device_map`, `quantization_config`, `attn_implementation`, …) goes to
-        `UniMedVLForConditionalGeneration.from_pretrained`.
+        `model`, `processor`, `scheduler` may be passed ready-made; every other keyword argument (`dtype` /
+        `torch_dtype`, `device_map`, `quantization_config`, `attn_implementation`, …) goes to
+        `UniMedVLForConditionalGeneration.from_pretrained`. Without this package, `DiffusionPipeline.from_pretrained(
+        folder, trust_remote_code=True)` loads a saved folder through the code that travels with it.
         """
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):
@@ -201,21 +217,27 @@ class UniMedVLPipeline(DiffusionPipeline):
 
             path = snapshot_download(path, revision=kwargs.pop("revision", None), token=kwargs.pop("token", None))
         if os.path.isfile(os.path.join(path, "model_index.json")):
-            return super().from_pretrained(path, **kwargs)
+            return cls.from_components_folder(path, **kwargs)
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise OSError(f"{path} holds neither a model_index.json (diffusers layout) nor a config.json (converted UniMedVL folder).")
-        return cls.from_transformers_folder(path, **kwargs)
+        return cls.from_components_folder(path, model_dir=path, processor_dir=path, **kwargs)
 
     @classmethod
-    def from_transformers_folder(cls, path, model=None, processor=None, scheduler=None, **model_kwargs):
-        """Builds the pipeline from the folder written by `python -m modeling_unimedvl.convert`."""
+    def from_components_folder(
+        cls, path, model=None, processor=None, scheduler=None, model_dir=None, processor_dir=None, **model_kwargs
+    ):
+        """Builds the pipeline from the `model`, `processor` and `scheduler` found in `path` (their subfolders unless
+        `model_dir` / `processor_dir` say otherwise; the default scheduler when there is no `scheduler/`)."""
+        from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor
+
         if "torch_dtype" in model_kwargs:
             model_kwargs["dtype"] = model_kwargs.pop("torch_dtype")
         model_kwargs.setdefault("dtype", "auto")
         if model is None:
-            model = UniMedVLForConditionalGeneration.from_pretrained(path, **model_kwargs).eval()
+            model_dir = model_dir or os.path.join(path, "model")
+            model = UniMedVLForConditionalGeneration.from_pretrained(model_dir, **model_kwargs).eval()
         if processor is None:
-            processor = UniMedVLProcessor.from_pretrained(path)
+            processor = UniMedVLProcessor.from_pretrained(processor_dir or os.path.join(path, "processor"))
         if scheduler is None:
             scheduler_dir = os.path.join(path, "scheduler")
             if os.path.isfile(os.path.join(scheduler_dir, "scheduler_config.json")):
@@ -223,6 +245,33 @@ class UniMedVLPipeline(DiffusionPipeline):
             else:
                 scheduler = default_scheduler()
         return cls(model=model, processor=processor, scheduler=scheduler)
+
+    def save_pretrained(self, save_directory, overwrite: bool = True, **kwargs) -> None:
+        """Writes the diffusers layout — `model_index.json`, `model/`, `processor/`, `scheduler/` — plus the code that
+        loads it without this package (`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`): the
+        pipeline module next to `model_index.json` and each component's code in its subfolder. The folder is staged
+        and swapped into place (a non-empty `save_directory` is replaced unless `overwrite=False`)."""
+        with staged_folder(os.fspath(save_directory), overwrite=overwrite) as staging:
+            super().save_pretrained(staging, **kwargs)
+            self._write_code_files(staging)
+
+    def _write_code_files(self, folder: str) -> None:
+        """Names the pipeline and component classes by their code files in `model_index.json` and copies the
+        pipeline's code (this module and the modules it imports) next to it."""
+        index_path = os.path.join(folder, "model_index.json")
+        with open(index_path) as handle:
+            index = json.load(handle)
+        index["_class_name"] = [PIPELINE_CODE_MODULE, type(self).__name__]
+        for name, module in COMPONENT_CODE_MODULES.items():
+            component_class = type(getattr(self, name)).__name__
+            if not os.path.isfile(os.path.join(folder, name, f"{module}.py")):
+                raise OSError(f"{name}/ was saved without its code file {module}.py; import modeling_unimedvl first.")
+            index[name] = [module, component_class]
+        write_json(index_path, index)
+        for function in (load_medical_image, to_rgb, check_sampler_arguments, write_json):
+            source = inspect.getsourcefile(function)
+            shutil.copyfile(source, os.path.join(folder, os.path.basename(source)))
+        shutil.copyfile(__file__, os.path.join(folder, f"{PIPELINE_CODE_MODULE}.py"))
 
     # ------------------------------------------------------------------------------------------------ inputs
 

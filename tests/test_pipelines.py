@@ -163,7 +163,9 @@ def test_understanding_first_editing_flow(pipe, reference_image):
 def test_save_load_round_trips(pipe, converted_dir, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["model"] == ["modeling_unimedvl.modeling_unimedvl", "UniMedVLForConditionalGeneration"]
+    assert index["_class_name"] == ["pipeline_unimedvl", "UniMedVLPipeline"]
+    assert index["model"] == ["modeling_unimedvl", "UniMedVLForConditionalGeneration"]
+    assert index["processor"] == ["processing_unimedvl", "UniMedVLProcessor"]
     assert "vae" not in index and not (tmp_path / "pipe" / "vae").exists()  # the VAE is saved once, inside the model
     assert not list((tmp_path / "pipe").rglob("*.bin")) and not list((tmp_path / "pipe").rglob("*.pt"))
     reloaded = UniMedVLPipeline.from_pretrained(tmp_path / "pipe")
