@@ -4,29 +4,23 @@
     model = UniMedVLForConditionalGeneration.from_pretrained(path, quantization_config=bnb_config(bits=4))
     pipe = UniMedVLPipeline.from_pretrained(path, quantization_config=bnb_config(bits=4))
 
-Only `nn.Linear` layers are quantized. `QUANTIZATION_SKIP_MODULES` keeps the small, precision-critical ones in the
-compute dtype: the language-model head, the flow head and its input (`llm2vae`, `model.vae2llm`), the timestep
-embedder, the whole FLUX VAE (`model.vae`, whose attention uses `nn.Linear`), the ViT→LLM connector and the ViT patch
-embedding. transformers matches each pattern from the start of a module name up to a module boundary, or as a
-suffix (never as a substring), so `"model.vae"` skips `model.vae.decoder…` but not `model.vae2llm`. The position
+Only `nn.Linear` layers are quantized. The model class declares the small, precision-critical modules that stay in
+the compute dtype (`UniMedVLForConditionalGeneration._keep_in_fp32_modules`, which transformers also applies to a
+plain `BitsAndBytesConfig`): the language-model head, the flow head and its input (`llm2vae`, `model.vae2llm`), the
+timestep embedder, the whole FLUX VAE (`model.vae`, whose attention uses `nn.Linear`), the ViT→LLM connector and the
+ViT patch embedding. transformers matches each pattern from the start of a module name up to a module boundary, or as
+a suffix (never as a substring), so `"model.vae"` skips `model.vae.decoder…` but not `model.vae2llm`. The position
 tables are buffers and are never quantized. `keep_generation_expert=True` also keeps every generation-expert module
 (`*_moe_gen`) in full precision, so only the understanding expert and the ViT are quantized.
 """
 
 import torch
+from modeling_unimedvl import UniMedVLForConditionalGeneration
 from transformers import BitsAndBytesConfig
 
 
-QUANTIZATION_SKIP_MODULES = (
-    "lm_head",
-    "llm2vae",
-    "model.vae2llm",
-    "model.time_embedder",
-    "model.vae",
-    "model.connector",
-    "model.vision_tower.embeddings",
-)
-"""Module-name patterns (prefix at a module boundary, or suffix) that stay un-quantized."""
+QUANTIZATION_SKIP_MODULES = tuple(UniMedVLForConditionalGeneration._keep_in_fp32_modules)
+"""Module-name patterns (prefix at a module boundary, or suffix) that stay un-quantized: the model class's own list."""
 
 GENERATION_EXPERT_PATTERN = r".*_moe_gen"
 """Matches every generation-expert module (`…self_attn.q_proj_moe_gen`, `…mlp_moe_gen`)."""
