@@ -5,8 +5,11 @@ One JSONL line per sample, in UniMedVL's format (images resolve relative to --im
     {"input_img": [{"path": "case1.png"}], "output_img": [],
      "message": [{"from": "human", "value": "<image>\\nWhat is the finding?"}, {"from": "gpt", "value": "Pneumothorax."}]}
 
-Rows with `output_img` train image generation (text-to-image without `input_img`, image-to-image with it). Bad rows
-(missing or unreadable images, empty answers, …) are dropped and reported.
+Rows with `output_img` train image generation (text-to-image without `input_img`, image-to-image with it). Hugging
+Face chat rows (`messages` with role / content parts, `images` or `image` columns) work too. Bad rows (missing or
+unreadable images, empty answers, non-UTF-8 lines, …) are dropped and reported. Training runs on `UniMedVLTrainer`,
+a `trl.SFTTrainer`: the LoRA adapter comes from `peft_config`; re-running the command resumes from the last
+committed checkpoint.
 
     python examples/finetune_lora.py --model path/to/UniMedVL --jsonl train.jsonl --images images/ --output my-adapter \
         --preset und --steps 200 [--qlora] [--use-cpu] [--push-to-hub me/my-adapter]
@@ -22,18 +25,18 @@ import modeling_unimedvl
 from unimedvl_training import (
     CFGDropout,
     SequenceBuilder,
-    UniMedVLDataCollator,
     UniMedVLTrainer,
     UniMedVLTrainingArguments,
     UniMedVLTrainingDataset,
-    add_lora,
     load_jsonl_records,
     load_quantized_model,
     lora_config,
     push_adapter_to_hub,
     validate_records,
 )
+from unimedvl_training.checkpoints import last_committed_checkpoint
 from unimedvl_training.curriculum import training_processor
+from unimedvl_training.lora import prepare_model_for_kbit_training
 
 
 def parse_args(argv=None):
@@ -73,11 +76,9 @@ def main(argv=None):
     print(report.summary())
 
     if args.qlora:
-        model = load_quantized_model(args.model)
+        model = prepare_model_for_kbit_training(load_quantized_model(args.model), use_gradient_checkpointing=False)
     else:
         model = modeling_unimedvl.UniMedVLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
-    model = add_lora(model, lora_config(presets, r=args.rank, lora_alpha=2 * args.rank))
-    model.print_trainable_parameters()
 
     training_args = UniMedVLTrainingArguments(
         output_dir=os.path.join(args.output, "checkpoints"),
@@ -91,16 +92,19 @@ def main(argv=None):
         save_total_limit=2,
         use_cpu=args.use_cpu,
         bf16=torch.cuda.is_available() and not args.use_cpu,
-        remove_unused_columns=False,
+        pack_tokens=args.pack_tokens,
         report_to=[],
     )
     trainer = UniMedVLTrainer(
         model=model,
         args=training_args,
         train_dataset=UniMedVLTrainingDataset(records, builder),
-        data_collator=UniMedVLDataCollator(processor.tokenizer.pad_token_id or 0, pack_tokens=args.pack_tokens),
+        processing_class=processor,
+        peft_config=lora_config(presets, r=args.rank, lora_alpha=2 * args.rank),
     )
-    trainer.train(resume_from_checkpoint=bool(trainer_checkpoints(training_args.output_dir)) or None)
+    trainer.model.print_trainable_parameters()
+    trainer.train(resume_from_checkpoint=last_committed_checkpoint(training_args.output_dir))
+    model = trainer.model
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
     losses = [(e["step"], round(e["ce"], 3), round(e["mse"], 3)) for e in trainer.state.log_history if "ce" in e]
@@ -109,10 +113,6 @@ def main(argv=None):
         url = push_adapter_to_hub(model, args.push_to_hub, presets, base_model=args.model,
                                   training_summary=f"{args.steps} steps on {report.kept} private samples")
         print(f"pushed: {url}")
-
-
-def trainer_checkpoints(folder: str) -> list[str]:
-    return [name for name in os.listdir(folder) if name.startswith("checkpoint-")] if os.path.isdir(folder) else []
 
 
 if __name__ == "__main__":

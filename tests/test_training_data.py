@@ -200,3 +200,66 @@ def test_dataset_is_deterministic_per_epoch_and_collates(processor, image_dir):
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     assert batch["latent_noised"].tolist() == [True, True] and len(batch["vae_pixel_values"]) == 2
     assert "pixel_values" not in batch
+
+
+def _chat_rows(image_dir):
+    image = Image.open(image_dir / "c.png").convert("RGB")
+    return [
+        {"images": [image], "messages": [  # TRL layout: {"type": "image"} parts, images in a column
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which organ?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Lung"}]}]},
+        {"images": [], "messages": [  # images inside the content parts (a path), a system turn
+            {"role": "system", "content": [{"type": "text", "text": "You are a radiologist."}]},
+            {"role": "user", "content": [{"type": "image", "image": str(image_dir / "a.png")}, {"type": "text", "text": "Plane?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Axial"}]}]},
+        {"images": [], "messages": [  # an image in the assistant turn is a generation target
+            {"role": "user", "content": [{"type": "text", "text": "An axial CT of the chest."}]},
+            {"role": "assistant", "content": [{"type": "image", "image": str(image_dir / "b.png")}]}]},
+    ]
+
+
+def test_chat_format_rows_become_records(image_dir):
+    records = records_from_dataset(datasets.Dataset.from_list(_chat_rows(image_dir)), name="chat")
+    kept, report = validate_records(records)
+    assert report.kept == 3 and [row["task"] for row in kept] == ["understanding", "understanding", "text_to_image"]
+    assert kept[0]["messages"] == [{"from": "human", "value": "<image> Which organ?"}, {"from": "gpt", "value": "Lung"}]
+    assert kept[0]["input_images"][0]["bytes"] is not None
+    assert kept[1]["messages"][0] == {"from": "human", "value": "You are a radiologist."}
+    assert kept[1]["input_images"][0]["path"] == str(image_dir / "a.png")
+    assert kept[2]["output_images"][0]["path"] == str(image_dir / "b.png") and kept[2]["input_images"] == []
+
+
+def test_single_image_column_and_bad_chat_rows(image_dir):
+    dataset = datasets.Dataset.from_dict(
+        {"image": [str(image_dir / "a.png"), str(image_dir / "b.png"), str(image_dir / "c.png")],
+         "messages": [[{"role": "user", "content": "<image> Q?"}, {"role": "assistant", "content": "A"}],
+                      [{"role": "user", "content": "<image><image> Q?"}, {"role": "assistant", "content": "A"}],
+                      [{"role": "user", "content": "<image> Q?"}, {"role": "assistant", "content": None}]]},
+    ).cast_column("image", datasets.Image())
+    report = DataReport()
+    records = records_from_dataset(dataset, name="single", report=report)
+    assert len(records) == 1 and records[0]["input_images"][0]["path"].endswith("a.png")
+    assert records[0]["messages"][0] == {"from": "human", "value": "<image> Q?"}
+    assert report.dropped["malformed_row"] == 2
+    assert "single:1: message 0 has more image parts than the row has images" in report.examples["malformed_row"][0]
+    assert "single:2: message 1 has no text (null instead of a string)" in report.examples["malformed_row"][1]
+
+
+def test_streaming_dataset_trains(processor, converted_dir, image_dir, tmp_path):
+    from modeling_unimedvl import UniMedVLForConditionalGeneration
+    from unimedvl_training.sequences import UniMedVLIterableTrainingDataset
+    from unimedvl_training.trainer import UniMedVLTrainer, UniMedVLTrainingArguments
+
+    rows = _chat_rows(image_dir) * 2
+    stream = datasets.Dataset.from_list(rows).to_iterable_dataset()
+    records = records_from_dataset(stream, name="stream")
+    assert isinstance(records, datasets.IterableDataset)
+    assert [row["task"] for row in records] == ["understanding", "understanding", "text_to_image"] * 2
+    model = UniMedVLForConditionalGeneration.from_pretrained(converted_dir, dtype=torch.float32)
+    args = UniMedVLTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, per_device_train_batch_size=2,
+                                     logging_steps=1, save_strategy="no", disable_tqdm=True, learning_rate=1e-3)
+    trainer = UniMedVLTrainer(model=model, args=args, train_dataset=stream, processing_class=processor)
+    assert isinstance(trainer.train_dataset, UniMedVLIterableTrainingDataset)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "ce" in entry]
+    assert len(logs) == 2 and logs[0]["ce"] > 0 and any(entry["mse"] > 0 for entry in logs)

@@ -123,3 +123,50 @@ def test_adapter_card_and_push_call(converted_dir):
     assert name == "upload_folder" and kwargs["repo_id"] == "me/unimedvl-sr-lora" and kwargs["repo_type"] == "model"
     assert kwargs["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert api.readme.strip() == text.strip() and "- my/private" in api.readme
+
+
+def test_plain_target_modules_reach_the_understanding_expert_and_siglip(converted_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from unimedvl_training.lora import GENERATION_EXPERT_MODULES, UNDERSTANDING_EXPERT_MODULES
+
+    plain = _lora_modules(get_peft_model(_model(converted_dir), LoraConfig(r=2, target_modules=UNDERSTANDING_EXPERT_MODULES)))
+    siglip = {f"model.vision_tower.encoder.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"}
+    assert plain == _expected(2, UND[:4]) | siglip  # never the generation expert
+    generation = _lora_modules(get_peft_model(_model(converted_dir), LoraConfig(r=2, target_modules=GENERATION_EXPERT_MODULES)))
+    assert generation == _expected(2, GEN[:4])
+
+
+def test_saved_adapter_loads_with_peft_model_and_auto_peft_model(converted_dir, tmp_path):
+    from peft import AutoPeftModel, PeftModel
+
+    torch.manual_seed(0)
+    peft_model = add_lora(_model(converted_dir), lora_config("und", r=4, init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[600, 20, 21, 22, 601, 600]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        by_class = PeftModel.from_pretrained(_model(converted_dir), tmp_path / "adapter").eval()
+        by_auto = AutoPeftModel.from_pretrained(tmp_path / "adapter", import_allowlist=["modeling_unimedvl"]).eval()
+        torch.testing.assert_close(by_class(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(by_auto(input_ids=ids).logits, expected, atol=1e-6, rtol=1e-5)
+    assert type(by_auto.get_base_model()) is UniMedVLForConditionalGeneration
+
+
+def test_qlora_defaults_follow_the_device(converted_dir, monkeypatch):
+    import transformers
+
+    seen = {}
+
+    def record(path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(UniMedVLForConditionalGeneration, "from_pretrained", record)
+    for gpu, device_map, dtype in ((True, "auto", torch.bfloat16), (False, "cpu", torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        with pytest.raises(RuntimeError, match="recorded"):
+            load_quantized_model(str(converted_dir))
+        assert seen["device_map"] == device_map and seen["dtype"] == dtype
+        assert isinstance(seen["quantization_config"], transformers.BitsAndBytesConfig)
+        assert seen["quantization_config"].bnb_4bit_compute_dtype == dtype

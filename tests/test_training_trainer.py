@@ -69,7 +69,7 @@ def _model(converted_dir):
 def test_loss_matches_a_hand_computation(converted_dir, processor, records, tmp_path):
     model = _model(converted_dir).eval()
     batch = UniMedVLDataCollator(0)([SequenceBuilder(processor)(row) for row in records])
-    trainer = UniMedVLTrainer(model=model, args=_args(tmp_path, timestep_shift=3.0, ce_weight=0.25, mse_weight=1.0))
+    trainer = UniMedVLTrainer(model=model, args=_args(tmp_path, timestep_shift=3.0, ce_weight=0.25, mse_weight=1.0), train_dataset=records)
     torch.manual_seed(123)
     loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
 
@@ -172,12 +172,12 @@ def test_resume_after_kill_gives_the_same_weights(converted_dir, processor, reco
         _train(converted_dir, processor, records, tmp_path / "killed", callbacks=[_KillAt(3)])
     killed = tmp_path / "killed"
     assert sorted(p.name for p in killed.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
-    assert {"model.safetensors", "optimizer.pt", "rng_state.pth", "ema.safetensors", "ema_state.json"} <= set(os.listdir(killed / "checkpoint-2"))
-    # a checkpoint being written when the process died stays in .staging and is never resumed from
-    (killed / ".staging" / "checkpoint-4").mkdir(parents=True)
-    (killed / ".staging" / "checkpoint-4" / "model.safetensors").write_bytes(b"partial")
+    assert {"model.safetensors", "optimizer.pt", "rng_state.pth", "ema.safetensors", "ema_state.json", "checkpoint_complete.json"} <= set(os.listdir(killed / "checkpoint-2"))
+    # a checkpoint being written when the process died has no commit file and is never resumed from
+    (killed / "checkpoint-4").mkdir()
+    (killed / "checkpoint-4" / "model.safetensors").write_bytes(b"partial")
     resumed = _train(converted_dir, processor, records, killed, resume=True)
-    assert not (killed / ".staging" / "checkpoint-4").exists()
+    assert (killed / "checkpoint-4" / "checkpoint_complete.json").is_file()  # removed, then written again by the resumed run
     assert resumed.state.global_step == 4
     expected = reference.model.state_dict()
     for name, value in resumed.model.state_dict().items():
@@ -257,7 +257,7 @@ def test_packed_rows_give_the_loss_and_logits_of_one_sample_per_row(converted_di
     two_rows = UniMedVLDataCollator(0, pack_tokens=lengths[0] + lengths[1])(samples)
     assert packed["input_ids"].shape == (1, sum(lengths)) and two_rows["input_ids"].shape[0] == 3
     assert packed["sample_ids"][0].tolist() == [i for i, n in enumerate(lengths) for _ in range(n)]
-    trainer = UniMedVLTrainer(model=model, args=_args(tmp_path))
+    trainer = UniMedVLTrainer(model=model, args=_args(tmp_path), train_dataset=records)
     results = []
     for batch in (padded, packed, two_rows):
         torch.manual_seed(5)

@@ -1,5 +1,6 @@
-"""UniMedVL training: data loaders, training sequences, `UniMedVLTrainer` (CE + flow matching, EMA, atomic
-checkpoints), freezing flags, LoRA / QLoRA presets and the three-stage curriculum (`python -m unimedvl_training.train`).
+"""UniMedVL training on TRL: data loaders, training sequences, `UniMedVLTrainer` (a `trl.SFTTrainer` with CE + flow
+matching, EMA, committed checkpoints), freezing flags, LoRA / QLoRA presets, the three-stage curriculum and GRPO with
+verifiable medical rewards (`unimedvl-train`, `unimedvl-train grpo`; `grpo.py`, `rewards.py`).
 
 Batches hold one sample per row (`[batch, length]`, right-padded) or several samples packed into token-budgeted rows
 (`UniMedVLDataCollator(pack_tokens=N)`, whose `sample_ids` keep attention inside each sample).
@@ -12,7 +13,7 @@ from .data import DataReport, ImageLimits, load_jsonl_records, normalize_record,
 from .flow_matching import flow_matching_mse, noise_latents, sample_timesteps
 from .freezing import FREEZE_PATTERNS, apply_freezing, parameters_of
 from .lora import LORA_PRESETS, add_lora, adapter_model_card, load_adapter, load_quantized_model, lora_config, push_adapter_to_hub
-from .sequences import CFGDropout, SequenceBuilder, UniMedVLDataCollator, UniMedVLTrainingDataset, sequence_plan
+from .sequences import CFGDropout, SequenceBuilder, UniMedVLDataCollator, UniMedVLTrainingDataset, built_dataset, sequence_plan
 from .trainer import UniMedVLTrainer, UniMedVLTrainingArguments
 
 
@@ -31,6 +32,7 @@ __all__ = [
     "add_lora",
     "apply_freezing",
     "build_mixture",
+    "built_dataset",
     "flow_matching_mse",
     "load_adapter",
     "load_jsonl_records",

@@ -23,6 +23,7 @@ exists is skipped; an interrupted stage resumes from its last complete `checkpoi
 """
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -32,14 +33,17 @@ from importlib.util import find_spec
 import datasets
 import torch
 import yaml
+from safetensors.torch import save_file
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
+from modeling_unimedvl.atomic_files import staged_folder
+
+from .checkpoints import checkpoint_step, last_committed_checkpoint, remove_uncommitted
 from .data import DataReport, ImageLimits, load_jsonl_records, validate_records
 from .freezing import apply_freezing
-from .lora import add_lora, load_quantized_model, lora_config
-from .sequences import CFGDropout, SequenceBuilder, UniMedVLDataCollator, UniMedVLTrainingDataset
-from .trainer import UniMedVLTrainer, UniMedVLTrainingArguments
+from .lora import load_quantized_model, lora_config, prepare_model_for_kbit_training
+from .sequences import CFGDropout, SequenceBuilder, UniMedVLTrainingDataset
+from .trainer import UniMedVLTrainer, UniMedVLTrainingArguments, unimedvl_module
 
 
 logger = logging.getLogger(__name__)
@@ -140,6 +144,40 @@ def _report_to() -> list[str]:
     return []
 
 
+def stage_arguments(config: dict, output_dir: str, use_cpu: bool = False, bf16: bool = False) -> UniMedVLTrainingArguments:
+    """The stage's `UniMedVLTrainingArguments`: its `training` section, CFG dropout, packing and length limit; an
+    unknown or ill-typed key is one clear `ValueError`."""
+    training = dict(config.get("training") or {})
+    cfg = config.get("cfg_dropout") or {}
+    unknown_cfg = sorted(set(cfg) - {"text", "vit", "vae"})
+    if unknown_cfg:
+        raise ValueError(f"Stage {config.get('stage')}: unknown cfg_dropout key(s) {unknown_cfg}; use text, vit, vae.")
+    known = {f.name for f in dataclasses.fields(UniMedVLTrainingArguments)}
+    unknown = sorted(set(training) - known)
+    if unknown:
+        raise ValueError(f"Stage {config.get('stage')}: unknown training argument(s) {unknown} (see UniMedVLTrainingArguments / trl.SFTConfig).")
+    max_steps = training.get("max_steps", -1)
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
+        raise ValueError(f"Stage {config.get('stage')}: max_steps must be a positive number of optimizer steps, got {max_steps!r}.")
+    try:
+        return UniMedVLTrainingArguments(
+            output_dir=output_dir,
+            use_cpu=use_cpu,
+            bf16=bf16,
+            save_strategy="steps",
+            report_to=_report_to(),
+            ddp_find_unused_parameters=True,
+            cfg_dropout_text=float(cfg.get("text", 0.0)),
+            cfg_dropout_vit=float(cfg.get("vit", 0.0)),
+            cfg_dropout_vae=float(cfg.get("vae", 0.0)),
+            pack_tokens=config.get("pack_tokens"),
+            max_tokens_per_sample=config.get("max_tokens_per_sample"),
+            **training,
+        )
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"Stage {config.get('stage')}: invalid training configuration: {error}") from None
+
+
 def run_stage(
     config: dict,
     model_path: str,
@@ -151,11 +189,14 @@ def run_stage(
     qlora: bool = False,
     resume: bool = True,
     callbacks: list | None = None,
+    peft_config=None,
 ) -> str:
     """Runs one stage from `model_path` into `output_dir`; returns the `final/` folder (model, processor, EMA, reports).
 
-    With `lora` (preset names) only adapters are trained (`qlora=True`: on 4-bit NF4 base weights); `final/` then
-    holds the adapter in `final/adapter` and the merged model (not possible for QLoRA, whose base stays 4-bit).
+    With `lora` (preset names) or a `peft_config` only adapters are trained (`qlora=True`: on 4-bit NF4 base
+    weights); `final/` then holds the adapter in `final/adapter` and the merged model (not possible for QLoRA, whose
+    base stays 4-bit). A stage resumed from a checkpoint at its last step writes `final/` without training further,
+    so `final/` equals that of an uninterrupted run.
     """
     from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor
 
@@ -163,75 +204,113 @@ def run_stage(
     if os.path.isdir(final_dir):
         logger.warning("Stage %s already finished (%s exists): skipped.", config.get("stage"), final_dir)
         return final_dir
-    training = dict(config.get("training") or {})
-    set_seed(training.get("seed", 42))
+    args = stage_arguments(config, output_dir, use_cpu, bf16)
+    set_seed(args.seed)
     processor = UniMedVLProcessor.from_pretrained(model_path)
-    builder = SequenceBuilder(training_processor(processor, config.get("image_transforms")), CFGDropout(**config.get("cfg_dropout", {})))
+    builder = SequenceBuilder(
+        training_processor(processor, config.get("image_transforms")),
+        CFGDropout(args.cfg_dropout_text, args.cfg_dropout_vit, args.cfg_dropout_vae),
+    )
     mixture, reports = build_mixture(config, builder)
 
     if qlora:
-        if not lora:
-            raise ValueError("qlora=True needs LoRA presets (lora=[...]).")
-        model = load_quantized_model(model_path)
+        if not (lora or peft_config):
+            raise ValueError("qlora=True needs LoRA presets (lora=[...]) or a peft_config.")
+        model = prepare_model_for_kbit_training(load_quantized_model(model_path), use_gradient_checkpointing=False)
     else:
         model = UniMedVLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
-    if lora:
-        model = add_lora(model, lora_config(lora, r=lora_rank))
-    else:
+    meta = sum(p.is_meta for p in model.parameters())
+    logger.info("Process %d: model loaded, %d of %d parameter tensors on the meta device.", int(os.environ.get("RANK", 0)), meta, len(list(model.parameters())))
+    if lora and peft_config is None:
+        peft_config = lora_config(lora, r=lora_rank)
+    if peft_config is None:
         freeze = config.get("freeze", {})
         apply_freezing(model, **{f"freeze_{part}": bool(on) for part, on in freeze.items()})
 
-    args = UniMedVLTrainingArguments(
-        output_dir=output_dir,
-        use_cpu=use_cpu,
-        bf16=bf16,
-        remove_unused_columns=False,
-        save_strategy="steps",
-        report_to=_report_to(),
-        ddp_find_unused_parameters=True,
-        **training,
-    )
-    dataset = UniMedVLTrainingDataset(mixture, builder, seed=args.seed)
     trainer = UniMedVLTrainer(
         model=model,
         args=args,
-        train_dataset=dataset,
-        data_collator=UniMedVLDataCollator(processor.tokenizer.pad_token_id or 0, pack_tokens=config.get("pack_tokens")),
+        train_dataset=UniMedVLTrainingDataset(mixture, builder, seed=args.seed),
+        processing_class=processor,
+        peft_config=peft_config,
         callbacks=callbacks,
     )
-    checkpoint = get_last_checkpoint(output_dir) if resume and os.path.isdir(output_dir) else None
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.is_world_process_zero():
-        _save_final(trainer, processor, final_dir, reports, lora, qlora, dataset, model_path)
+    if resume and trainer.args.should_save:
+        remove_uncommitted(output_dir)
     trainer.accelerator.wait_for_everyone()
+    checkpoint = last_committed_checkpoint(output_dir) if resume else None
+    if checkpoint is not None and checkpoint_step(checkpoint) >= args.max_steps:
+        finish_from_checkpoint(trainer, checkpoint)
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    write_final(trainer, processor, final_dir, reports, peft_config is not None, qlora, model_path)
     return final_dir
 
 
-def _save_final(trainer, processor, final_dir, reports, lora, qlora, dataset, model_path) -> None:
-    """Writes `final/` atomically (via `final.tmp`)."""
-    staging = final_dir + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if lora:
-        model.save_pretrained(os.path.join(staging, "adapter"))
-        if not qlora:
-            model.merge_and_unload().save_pretrained(staging)
-    else:
-        model.save_pretrained(staging)
-        if trainer.ema is not None:
-            from safetensors.torch import save_file
+def finish_from_checkpoint(trainer: UniMedVLTrainer, checkpoint: str) -> None:
+    """Loads the weights (and EMA) of a checkpoint taken at the stage's last step instead of training past it."""
+    from safetensors.torch import load_file
 
-            save_file({k: v.contiguous() for k, v in trainer.ema_state_dict().items()}, os.path.join(staging, "ema.safetensors"))
-    processor.save_pretrained(staging)
-    summary = {
-        "base_model": os.path.abspath(model_path),
-        "data": {group: report.to_dict() for group, report in reports.items()},
-        "runtime_failures": dataset.runtime_failures,
-        "log_history": trainer.state.log_history,
-    }
-    with open(os.path.join(staging, "training_summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=1)
-    os.replace(staging, final_dir)
+    logger.warning("Stage reached max_steps in %s: writing final/ from it without further training.", checkpoint)
+    state = load_file(os.path.join(checkpoint, "model.safetensors")) if os.path.isfile(os.path.join(checkpoint, "model.safetensors")) else None
+    if state is None:
+        raise ValueError(f"{checkpoint} holds no model.safetensors to finish the stage from; resume it with the launcher that wrote it.")
+    model = trainer.model
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        adapter = load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, adapter)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [key for key in missing if key in dict(model.named_parameters())]:
+            raise ValueError(f"{checkpoint}/model.safetensors does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    trainer._resume_checkpoint = checkpoint
+    trainer.state.global_step = checkpoint_step(checkpoint)
+    with open(os.path.join(checkpoint, "trainer_state.json")) as handle:
+        trainer.state.log_history = json.load(handle).get("log_history", [])
+    trainer.start_ema()
+
+
+def unsharded_copy(model):
+    """A `UniMedVLForConditionalGeneration` with `model`'s config and generation config on the meta device, to save a
+    gathered state dict through `save_pretrained` (an FSDP2-sharded model's class is a generated subclass whose
+    module files must not be copied as model code)."""
+    from modeling_unimedvl import UniMedVLForConditionalGeneration
+
+    source = unimedvl_module(model)
+    with torch.device("meta"):
+        copy_ = UniMedVLForConditionalGeneration(source.config)
+    copy_.generation_config = source.generation_config
+    return copy_
+
+
+def write_final(trainer: UniMedVLTrainer, processor, final_dir: str, reports: dict, adapter: bool, qlora: bool, model_path: str) -> None:
+    """Writes `final/` atomically (`staged_folder`: a staging folder swapped in when complete). Under FSDP every
+    process takes part in gathering the weights and the main process writes."""
+    ema_state = trainer.ema_state_dict() if trainer.ema is not None and not adapter else None
+    full_state = trainer.full_state_dict() if not adapter else None
+    if trainer.args.should_save:
+        with staged_folder(final_dir, overwrite=True) as staging:
+            if adapter:
+                peft_model = trainer.accelerator.unwrap_model(trainer.model)
+                peft_model.save_pretrained(os.path.join(staging, "adapter"))
+                if not qlora:
+                    peft_model.merge_and_unload().save_pretrained(staging)
+            else:
+                unsharded_copy(trainer.model).save_pretrained(staging, state_dict=full_state)
+                if ema_state is not None:
+                    save_file({k: v.contiguous() for k, v in ema_state.items()}, os.path.join(staging, "ema.safetensors"))
+            processor.save_pretrained(staging)
+            summary = {
+                "base_model": os.path.abspath(model_path),
+                "data": {group: report.to_dict() for group, report in reports.items()},
+                "runtime_failures": getattr(trainer.train_dataset, "runtime_failures", 0),
+                "log_history": trainer.state.log_history,
+            }
+            with open(os.path.join(staging, "training_summary.json"), "w") as handle:
+                json.dump(summary, handle, indent=1)
+    trainer.accelerator.wait_for_everyone()
 
 
 def run_curriculum(
@@ -255,7 +334,11 @@ __all__ = [
     "STAGES",
     "build_mixture",
     "load_stage_config",
+    "finish_from_checkpoint",
     "run_curriculum",
     "run_stage",
+    "stage_arguments",
     "training_processor",
+    "unsharded_copy",
+    "write_final",
 ]

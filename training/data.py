@@ -1,4 +1,5 @@
-"""Training records of UniMedVL: loading (UniMedVL JSONL, LLaVA-style JSONL, `datasets` datasets) and validation.
+"""Training records of UniMedVL: loading (UniMedVL JSONL, LLaVA-style JSONL, Hugging Face chat rows, `datasets`
+datasets, streaming `IterableDataset`s) and validation.
 
 Every loader produces a `datasets.Dataset` with one normalised schema (`RECORD_FEATURES`):
 
@@ -8,9 +9,10 @@ Every loader produces a `datasets.Dataset` with one normalised schema (`RECORD_F
 - `input_images` / `output_images`: lists of `datasets.Image(decode=False)` entries (`{"path", "bytes"}`);
 - `messages`: `[{"from": "human" | "gpt", "value": str}]`; `<image>` marks where an input image stands.
 
-`validate_records` drops bad rows (missing or unreadable image, image above the size limits, empty text, placeholder
-mismatch, sequence too long), counts them per reason in a `DataReport` and logs it: bad rows never crash a run and
-never pass silently.
+`validate_records` drops bad rows (missing or unreadable image — DICOM and NIfTI are read with
+`unimedvl_pipelines.medical_images.load_medical_image` —, image above the size limits, empty text, placeholder
+mismatch, sequence too long), the loaders drop malformed rows (not UTF-8, not JSON, a null text, an unknown chat role);
+all are counted per reason in a `DataReport` and logged: bad rows never crash a run and never pass silently.
 """
 
 import collections
@@ -110,23 +112,94 @@ def _image_entry(item, image_dir: str | None) -> dict:
     if isinstance(item, dict):
         if item.get("bytes") is not None:
             return {"path": item.get("path"), "bytes": item["bytes"]}
-        item = item.get("path")
+        item = item.get("path", item.get("image", item.get("url")))
     if not isinstance(item, str) or not item:
         raise ValueError(f"an image entry needs a 'path', got {item!r}")
     path = item if os.path.isabs(item) or image_dir is None else os.path.join(image_dir, item)
     return {"path": path, "bytes": None}
 
 
+def _text(value, where: str) -> str:
+    """A message text; `None` (JSON null) or a non-string is an error rather than the text "None"."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where} has no text ({'null' if value is None else type(value).__name__} instead of a string)")
+    return value
+
+
+_ROLES = {"human": "human", "user": "human", "system": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+def _chat_messages(messages: list, column_images: list) -> tuple[list[dict], list, list]:
+    """Hugging Face chat messages (`role`, `content` as a string or as parts `{"type": "image" | "text", ...}`) →
+    (`[{"from", "value"}]` with `<image>` placeholders, input images, output images). Image parts without their own
+    image take the next image of the row's `images` / `image` column (TRL's layout); images in assistant turns are
+    generation targets."""
+    converted, inputs, outputs = [], [], []
+    pending = list(column_images)
+
+    def take(count: int, index: int) -> list:
+        if count > len(pending):
+            raise ValueError(f"message {index} has more image parts than the row has images")
+        taken = pending[:count]
+        del pending[:count]
+        return taken
+
+    for index, message in enumerate(messages):
+        role = _ROLES.get(message.get("role"))
+        if role is None:
+            raise ValueError(f"message {index} has role {message.get('role')!r}; expected user, assistant or system")
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) or content is None else content
+        texts = []
+        for part in parts:
+            kind = part.get("type")
+            if kind == "text":
+                text = _text(part.get("text"), f"message {index}")
+                inputs.extend(take(text.count(IMAGE_PLACEHOLDER), index))  # `<image>` typed into the text
+                texts.append(text)
+            elif kind == "image":
+                image = next((part[key] for key in ("image", "path", "url") if part.get(key) is not None), None)
+                image = take(1, index)[0] if image is None else image
+                if role == "gpt":
+                    outputs.append(image)
+                else:
+                    inputs.append(image)
+                    texts.append(IMAGE_PLACEHOLDER)
+            else:
+                raise ValueError(f"message {index} has a content part of type {kind!r}; expected 'text' or 'image'")
+        value = " ".join(text for text in texts if text)
+        if value or role == "human":
+            converted.append({"from": role, "value": value})
+    if pending:
+        raise ValueError(f"{len(pending)} image(s) of the row are not referenced by an image part of the messages")
+    return converted, inputs, outputs
+
+
+def _as_list(images) -> list:
+    if images is None:
+        return []
+    return [images] if isinstance(images, (str, dict, bytes, Image.Image)) else list(images)
+
+
 def normalize_record(record: dict, image_dir: str | None = None, task: str | None = None, source: str = "") -> dict:
-    """One UniMedVL JSONL line (`input_img`, `output_img`, `message`) or LLaVA line (`image`, `conversations`) → the
-    normalised schema. `task` overrides the inferred task (the loader chosen in the data config)."""
+    """One training row → the normalised schema. Accepted layouts: UniMedVL JSONL (`input_img`, `output_img`,
+    `message`), LLaVA (`image`, `conversations`), and Hugging Face chat (`messages` with `role` / `content`, content
+    parts with images, or `{"type": "image"}` parts with an `images` list / single `image` column). `task` overrides
+    the inferred task (the loader chosen in the data config)."""
     messages = record.get("message", record.get("conversations", record.get("messages")))
-    if messages is None:
-        raise ValueError("the row has no 'message' (or 'conversations') list")
-    inputs = record.get("input_img", record.get("image", record.get("images", [])))
-    if inputs is None or isinstance(inputs, (str, dict, Image.Image)):
-        inputs = [] if inputs is None else [inputs]
-    outputs = record.get("output_img") or []
+    if not isinstance(messages, list):
+        raise ValueError("the row has no 'message' / 'conversations' / 'messages' list")
+    column_images = _as_list(record.get("input_img", record.get("image", record.get("images"))))
+    outputs = _as_list(record.get("output_img"))
+    if messages and isinstance(messages[0], dict) and "role" in messages[0]:
+        messages, inputs, chat_outputs = _chat_messages(messages, column_images)
+        outputs += chat_outputs
+    else:
+        inputs = column_images
+        messages = [
+            {"from": str(m.get("from", m.get("role", ""))), "value": _text(m.get("value", m.get("content")), f"message {i}")}
+            for i, m in enumerate(messages)
+        ]
     task = task or infer_task({"input_img": inputs, "output_img": outputs})
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
@@ -134,7 +207,7 @@ def normalize_record(record: dict, image_dir: str | None = None, task: str | Non
         "task": task,
         "input_images": [_image_entry(item, image_dir) for item in inputs],
         "output_images": [_image_entry(item, image_dir) for item in outputs],
-        "messages": [{"from": str(m.get("from", m.get("role", ""))), "value": str(m.get("value", m.get("content", "")))} for m in messages],
+        "messages": messages,
         "source": source,
     }
 
@@ -142,37 +215,73 @@ def normalize_record(record: dict, image_dir: str | None = None, task: str | Non
 def load_jsonl_records(
     jsonl_path: str, image_dir: str | None = None, task: str | None = None, report: DataReport | None = None
 ) -> datasets.Dataset:
-    """Reads a JSONL file of UniMedVL (or LLaVA-style) rows; images resolve relative to `image_dir` (default: the
-    file's folder). Lines that are not valid JSON or lack required keys are counted in `report` as `malformed_row`."""
+    """Reads a JSONL file of training rows (any layout `normalize_record` takes); images resolve relative to
+    `image_dir` (default: the file's folder). Lines that are not UTF-8, not valid JSON or lack required keys are
+    counted in `report` as `malformed_row`; the other lines load."""
     image_dir = image_dir if image_dir is not None else os.path.dirname(os.path.abspath(jsonl_path))
     report = report if report is not None else DataReport()
     rows = []
-    with open(jsonl_path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(jsonl_path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             source = f"{os.path.basename(jsonl_path)}:{line_number}"
             try:
-                rows.append(normalize_record(json.loads(line), image_dir, task, source))
+                rows.append(normalize_record(json.loads(raw.decode("utf-8")), image_dir, task, source))
+            except UnicodeDecodeError as error:
+                report.total += 1
+                report.add("malformed_row", f"{source}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})")
             except (ValueError, TypeError, AttributeError) as error:
                 report.total += 1
                 report.add("malformed_row", f"{source}: {error}")
     return datasets.Dataset.from_list(rows, features=RECORD_FEATURES)
 
 
-def records_from_dataset(dataset: datasets.Dataset, task: str | None = None, name: str = "dataset") -> datasets.Dataset:
-    """A `datasets.Dataset` whose rows follow the JSONL layout (`input_img` / `output_img` as lists of `Image`
-    features or paths, `message`) → the normalised schema."""
-    image_columns = [c for c in ("input_img", "output_img", "image", "images") if c in dataset.column_names]
-    undecoded = dataset.cast_column(image_columns[0], datasets.List(datasets.Image(decode=False))) if image_columns else dataset
-    for column in image_columns[1:]:
-        undecoded = undecoded.cast_column(column, datasets.List(datasets.Image(decode=False)))
-    return undecoded.map(
-        lambda row, index: normalize_record(row, None, task, f"{name}:{index}"),
-        with_indices=True,
-        remove_columns=undecoded.column_names,
-        features=RECORD_FEATURES,
-    )
+def _undecoded(dataset):
+    """`dataset` with its image columns cast to `datasets.Image(decode=False)` (paths / bytes, decoded later)."""
+    features = dataset.features or {}
+    for column, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(feature, (datasets.List, datasets.Sequence)) and isinstance(feature.feature, datasets.Image):
+            dataset = dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    return dataset
+
+
+def records_from_dataset(
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    task: str | None = None,
+    name: str = "dataset",
+    report: DataReport | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """A `datasets.Dataset` (or streaming `datasets.IterableDataset`) in any layout `normalize_record` takes (image
+    columns as `Image` features, PIL images, bytes or paths) → the normalised schema. Rows that are already normalised
+    pass unchanged. Malformed rows are counted in `report` (`malformed_row`) and left out; a streaming dataset is
+    converted lazily and its malformed rows are skipped as they stream."""
+    if set(dataset.column_names or []) == set(RECORD_FEATURES):
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        if dataset.features is not None:
+            dataset = _undecoded(dataset)
+
+        def convert(row, index):
+            try:
+                return normalize_record(row, None, task, f"{name}:{index}")
+            except (ValueError, TypeError, AttributeError) as error:
+                logger.warning("Skipping streamed row %s:%d: %s", name, index, error)
+                return {"task": "", "input_images": [], "output_images": [], "messages": [], "source": f"{name}:{index}"}
+
+        converted = dataset.map(convert, with_indices=True, remove_columns=dataset.column_names, features=RECORD_FEATURES)
+        return converted.filter(lambda row: row["task"] != "" and (_check_structure(row) or _check_text(row)) is None)
+    report = report if report is not None else DataReport()
+    rows = []
+    for index, row in enumerate(_undecoded(dataset)):
+        try:
+            rows.append(normalize_record(row, None, task, f"{name}:{index}"))
+        except (ValueError, TypeError, AttributeError) as error:
+            report.total += 1
+            report.add("malformed_row", f"{name}:{index}: {error}")
+    return datasets.Dataset.from_list(rows, features=RECORD_FEATURES)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -180,8 +289,27 @@ def records_from_dataset(dataset: datasets.Dataset, task: str | None = None, nam
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _is_medical_file(entry: dict) -> bool:
+    """A DICOM or NIfTI file path (by suffix, or the DICOM `DICM` magic)."""
+    from unimedvl_pipelines.medical_images import DICOM_SUFFIXES, NIFTI_SUFFIXES
+
+    path = entry.get("path")
+    if entry.get("bytes") is not None or not path:
+        return False
+    if path.lower().endswith(DICOM_SUFFIXES + NIFTI_SUFFIXES):
+        return True
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
 def open_image(entry: dict) -> Image.Image:
-    """Decodes a `datasets.Image(decode=False)` entry into a PIL image (fully loaded)."""
+    """Decodes a `datasets.Image(decode=False)` entry into a PIL image (fully loaded); DICOM and NIfTI files go
+    through `unimedvl_pipelines.medical_images.load_medical_image` (file window, middle slice)."""
+    if _is_medical_file(entry):
+        from unimedvl_pipelines.medical_images import load_medical_image
+
+        return load_medical_image(entry["path"])
     source = io.BytesIO(entry["bytes"]) if entry.get("bytes") is not None else entry["path"]
     image = Image.open(source)
     image.load()
@@ -189,7 +317,9 @@ def open_image(entry: dict) -> Image.Image:
 
 
 def image_size(entry: dict) -> tuple[int, int]:
-    """`(width, height)` of a `datasets.Image(decode=False)` entry, read from the file header only."""
+    """`(width, height)` of a `datasets.Image(decode=False)` entry, from the file header (DICOM / NIfTI: decoded)."""
+    if _is_medical_file(entry):
+        return open_image(entry).size
     with Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") is not None else entry["path"]) as image:
         return image.size
 
@@ -205,15 +335,14 @@ def _check_image(entry: dict, limits: ImageLimits, cache: dict) -> tuple[str, st
         result = ("missing_image", f"{name} does not exist")
     else:
         try:
-            with Image.open(io.BytesIO(entry["bytes"]) if entry.get("bytes") is not None else entry["path"]) as image:
-                width, height = image.size
-                if max(width, height) >= limits.max_side or width * height > limits.max_pixels:
-                    result = ("image_too_large", f"{name} is {width}x{height} (limits: side < {limits.max_side}, pixels <= {limits.max_pixels})")
-                elif min(width, height) < limits.min_side:
-                    result = ("image_too_small", f"{name} is {width}x{height} (min side {limits.min_side})")
-                else:
-                    image.load()
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            width, height = image_size(entry)
+            if max(width, height) >= limits.max_side or width * height > limits.max_pixels:
+                result = ("image_too_large", f"{name} is {width}x{height} (limits: side < {limits.max_side}, pixels <= {limits.max_pixels})")
+            elif min(width, height) < limits.min_side:
+                result = ("image_too_small", f"{name} is {width}x{height} (min side {limits.min_side})")
+            else:
+                open_image(entry)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
             result = ("unreadable_image", f"{name}: {error}")
     if key is not None:
         cache[key] = result

@@ -1,17 +1,24 @@
 """LoRA / QLoRA for UniMedVL with PEFT: per-expert presets, 4-bit NF4 base weights, adapter cards and Hub upload.
 
-PEFT matches a list of `target_modules` by exact name or `.`-suffix, so `"q_proj"` would not touch `q_proj_moe_gen`
-but `"gate_proj"` would hit both `mlp.gate_proj` and `mlp_moe_gen.gate_proj`; the presets are therefore full-match
-regexes over module names:
+Which part a preset adapts (full-match regexes over module names):
 
-- `und`: q/k/v/o and gate/up/down projections of the understanding expert;
-- `gen`: the same projections of the generation expert (`*_moe_gen`, `mlp_moe_gen.*`);
-- `both`: `und` + `gen`;
-- `vision`: SigLIP attention and MLP linears and the ViT→LLM connector;
-- `heads`: the generation heads `llm2vae` / `model.vae2llm` trained in full (`modules_to_save`) and LoRA on the
-  timestep embedder.
+| preset | adapts |
+| --- | --- |
+| `und` | the understanding expert: `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj` of every decoder layer |
+| `gen` | the generation expert: `self_attn.{q,k,v,o}_proj_moe_gen` and `mlp_moe_gen.{gate,up,down}_proj` |
+| `both` | `und` + `gen` |
+| `vision` | SigLIP `self_attn.{q,k,v,out}_proj`, `mlp.fc1/fc2` and the ViT→LLM connector `fc1/fc2` |
+| `heads` | `llm2vae` and `model.vae2llm` trained in full (`modules_to_save`), LoRA on the timestep embedder |
 
-Presets combine: `lora_config(["und", "vision"])`.
+Presets combine: `lora_config(["und", "vision"])`. A plain PEFT `target_modules` list matches by exact name or
+`.`-suffix: `["q_proj", "k_proj", "v_proj", "o_proj"]` reaches the understanding expert's attention **and SigLIP's**
+`q/k/v_proj`, never the generation expert; to adapt the generation expert name its modules
+(`GENERATION_EXPERT_MODULES`: `q_proj_moe_gen`, …) or use the `gen` preset. MLP names are shared:
+`["gate_proj", "up_proj", "down_proj"]` hits `mlp.*` and `mlp_moe_gen.*` of both experts.
+
+A saved adapter loads with `PeftModel.from_pretrained(base, folder)` (or `load_adapter`, which also refuses an adapter
+file missing tensors) and with `peft.AutoPeftModel.from_pretrained(folder, import_allowlist=["modeling_unimedvl"])`:
+the adapter config records the base class (`auto_mapping`), and PEFT imports only allow-listed packages.
 """
 
 import os
@@ -32,6 +39,11 @@ LORA_PRESETS = {
     },
     "heads": {"target": r"(.*\.)?model\.time_embedder\.linear_(1|2)", "save": ["llm2vae", "vae2llm"]},
 }
+UNDERSTANDING_EXPERT_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+"""Attention projections of the understanding expert (a plain list also matches SigLIP's q/k/v_proj)."""
+GENERATION_EXPERT_MODULES = ["q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen"]
+"""Attention projections of the generation expert, for a plain PEFT `target_modules` list."""
+
 LORA_PRESETS["both"] = {
     "target": f"({LORA_PRESETS['und']['target']})|({LORA_PRESETS['gen']['target']})",
     "save": [],
@@ -70,11 +82,17 @@ def add_lora(model: torch.nn.Module, config: LoraConfig, adapter_name: str = "de
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
-def load_quantized_model(path: str, compute_dtype: torch.dtype = torch.float32, device_map: str | dict = "cpu", **kwargs):
+def load_quantized_model(path: str, compute_dtype: torch.dtype | None = None, device_map: str | dict | None = None, **kwargs):
     """UniMedVL with 4-bit NF4 (double-quantised) base weights for QLoRA; `lm_head`, `llm2vae`, `model.vae2llm`,
-    `model.time_embedder`, the VAE, the connector and the ViT patch embedding stay in `compute_dtype`."""
+    `model.time_embedder`, the VAE, the connector and the ViT patch embedding stay in `compute_dtype`.
+
+    Defaults: with a GPU, `device_map="auto"` and bfloat16 compute; on a CPU-only machine, `"cpu"` and float32."""
     from modeling_unimedvl import UniMedVLForConditionalGeneration
     from unimedvl_pipelines.quantization import bnb_config
+
+    gpu = torch.cuda.is_available()
+    compute_dtype = compute_dtype or (torch.bfloat16 if gpu else torch.float32)
+    device_map = device_map or ("auto" if gpu else "cpu")
 
     return UniMedVLForConditionalGeneration.from_pretrained(
         path,
@@ -86,8 +104,29 @@ def load_quantized_model(path: str, compute_dtype: torch.dtype = torch.float32, 
 
 
 def load_adapter(base_model: torch.nn.Module, adapter_dir: str, adapter_name: str = "default", trainable: bool = False) -> PeftModel:
-    """Loads a saved adapter onto `base_model` (`trainable=True` to continue training it)."""
-    return PeftModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name, is_trainable=trainable)
+    """Loads a saved adapter onto `base_model` (`trainable=True` to continue training it).
+
+    Raises:
+        ValueError: the adapter file lacks tensors that its config creates (a truncated or mismatched adapter; PEFT
+            alone would only warn and leave those weights at their initial values).
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise ValueError(f"{adapter_dir} has no adapter_model.safetensors (only safetensors adapters are loaded).")
+    model = PeftModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name, is_trainable=trainable)
+    with safe_open(weights, "pt") as handle:
+        stored = set(handle.keys())
+    expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    missing = sorted(expected - stored)
+    if missing:
+        raise ValueError(
+            f"{weights} lacks {len(missing)} of the {len(expected)} adapter tensors its config creates "
+            f"(e.g. {missing[0]}): the file is incomplete or was saved for another model."
+        )
+    return model
 
 
 ADAPTER_CARD_TEMPLATE = """---
@@ -191,11 +230,14 @@ def push_adapter_to_hub(
 
 
 __all__ = [
+    "GENERATION_EXPERT_MODULES",
     "LORA_PRESETS",
+    "UNDERSTANDING_EXPERT_MODULES",
     "adapter_model_card",
     "add_lora",
     "load_adapter",
     "load_quantized_model",
     "lora_config",
+    "prepare_model_for_kbit_training",
     "push_adapter_to_hub",
 ]

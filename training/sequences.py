@@ -201,14 +201,9 @@ class SequenceBuilder:
         return cache[index]
 
 
-class UniMedVLTrainingDataset(torch.utils.data.Dataset):
-    """Map-style dataset of built samples over a normalised `datasets.Dataset` of records.
-
-    CFG dropout is drawn from a generator seeded by `(seed, epoch, index)`, so a sample is the same whenever it is
-    built again (resumed runs, several data-loader workers). The Trainer calls `set_epoch` every epoch. A row that
-    fails to load at run time (e.g. a file removed after validation) is replaced by the next row and counted in
-    `runtime_failures`.
-    """
+class _SampleBuilding:
+    """Builds training samples from records; CFG dropout and the sample's `noise_seed` (timesteps and latent noise,
+    see `UniMedVLTrainer`) come from a generator seeded by `(seed, epoch, index)`."""
 
     def __init__(self, records, builder: SequenceBuilder, seed: int = 0):
         self.records = records
@@ -220,19 +215,60 @@ class UniMedVLTrainingDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def build(self, row: dict, index: int) -> dict:
+        rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+        sample = self.builder(row, rng)
+        sample["noise_seed"] = rng.getrandbits(63)
+        return sample
+
+
+class UniMedVLTrainingDataset(_SampleBuilding, torch.utils.data.Dataset):
+    """Map-style dataset of built samples over a normalised `datasets.Dataset` of records.
+
+    A sample is the same whenever it is built again (resumed runs, data-loader workers, any number of processes): its
+    randomness is seeded by `(seed, epoch, index)`. The Trainer calls `set_epoch` every epoch. A row that fails to load
+    at run time (e.g. a file removed after validation) is replaced by the next row and counted in `runtime_failures`.
+    """
+
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(len(self.records)):
             row_index = (index + attempt) % len(self.records)
-            rng = random.Random(f"{self.seed}-{self.epoch}-{row_index}")
             try:
-                return self.builder(self.records[row_index], rng)
+                return self.build(self.records[row_index], row_index)
             except (OSError, ValueError) as error:
                 self.runtime_failures += 1
                 logger.warning("Skipping training row %d: %s", row_index, error)
         raise RuntimeError("No training row could be loaded.")
+
+
+class UniMedVLIterableTrainingDataset(_SampleBuilding, torch.utils.data.IterableDataset):
+    """Built samples over a streaming `datasets.IterableDataset` of records (seeded by the position in the stream);
+    rows that fail to load are skipped and counted in `runtime_failures`."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.records.set_epoch(epoch)
+
+    def __iter__(self):
+        for index, row in enumerate(self.records):
+            try:
+                yield self.build(row, index)
+            except (OSError, ValueError) as error:
+                self.runtime_failures += 1
+                logger.warning("Skipping streamed training row %d: %s", index, error)
+
+
+def built_dataset(records, builder: SequenceBuilder, seed: int = 0):
+    """`UniMedVLTrainingDataset` for a `datasets.Dataset` of records, `UniMedVLIterableTrainingDataset` for a
+    streaming `datasets.IterableDataset`."""
+    import datasets
+
+    if isinstance(records, datasets.IterableDataset):
+        return UniMedVLIterableTrainingDataset(records, builder, seed)
+    return UniMedVLTrainingDataset(records, builder, seed)
 
 
 class UniMedVLDataCollator:
@@ -242,7 +278,8 @@ class UniMedVLDataCollator:
     sample gets a row of its own); `sample_ids` `[rows, length]` (-1 on padding) then confine attention to each sample
     and every sample keeps its own `position_ids`. Returns `input_ids`, `attention_mask`, `position_ids`, `labels`
     `[rows, length]`; `pixel_values` and `image_grid_hw` of all ViT images; `vae_pixel_values` (list of `[3, H, W]`)
-    and `latent_noised` `[num_vae_images]` (bool) in the order of the image blocks in `input_ids` (row-major).
+    and `latent_noised` `[num_vae_images]` (bool) in the order of the image blocks in `input_ids` (row-major); for
+    samples from `UniMedVLTrainingDataset`, `noise_seeds` and `vae_images_per_sample` (one per sample).
     """
 
     def __init__(self, pad_token_id: int, pack_tokens: int | None = None):
@@ -295,6 +332,9 @@ class UniMedVLDataCollator:
         if vae:
             out["vae_pixel_values"] = vae
             out["latent_noised"] = torch.tensor([flag for s in samples for flag in s["latent_noised"]], dtype=torch.bool)
+            if all("noise_seed" in s for s in samples):
+                out["noise_seeds"] = [s["noise_seed"] for s in samples]
+                out["vae_images_per_sample"] = [len(s["vae_pixel_values"]) for s in samples]
         return out
 
 
@@ -303,6 +343,8 @@ __all__ = [
     "PlanItem",
     "SequenceBuilder",
     "UniMedVLDataCollator",
+    "UniMedVLIterableTrainingDataset",
     "UniMedVLTrainingDataset",
+    "built_dataset",
     "sequence_plan",
 ]
