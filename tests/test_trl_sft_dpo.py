@@ -86,11 +86,17 @@ def _preferences():
     return datasets.Dataset.from_list(rows)
 
 
-@pytest.mark.parametrize("reference", ["peft", "ref_model"])
+@pytest.mark.parametrize("reference", ["peft", "ref_model", "rebuilt_by_trl"])
 def test_dpo_trainer_on_image_preference_pairs(converted_dir, tiny_processor, tmp_path, reference):
+    """A PEFT reference, a given reference model, or none: TRL then rebuilds it from the folder's `config.json`
+    (its `auto_map` names `AutoModelForImageTextToText`)."""
     model = _model(converted_dir)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    kwargs = {"peft_config": lora_config("und", r=4)} if reference == "peft" else {"ref_model": _model(converted_dir)}
+    kwargs = {
+        "peft": {"peft_config": lora_config("und", r=4)},
+        "ref_model": {"ref_model": _model(converted_dir)},
+        "rebuilt_by_trl": {},
+    }[reference]
     trainer = DPOTrainer(model=model, processing_class=tiny_processor, train_dataset=_preferences(),
                          args=DPOConfig(beta=0.1, **_common(tmp_path)), **kwargs)
     trainer.train()
