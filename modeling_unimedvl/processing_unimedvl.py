@@ -104,6 +104,11 @@ class UniMedVLProcessor(ProcessorMixin):
             chat_template = CHAT_TEMPLATE
         self.latent_downsample = latent_downsample
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        end = self.special_tokens["eos"]
+        if tokenizer is not None and tokenizer.eos_token != end and end in tokenizer.get_vocab():
+            # The model ends every text segment and every answer with <|im_end|>: the tokenizer says so too, so that
+            # transformers' Trainer / TRL, which align the model's eos with the tokenizer's, keep the model's.
+            tokenizer.eos_token = end
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

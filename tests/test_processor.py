@@ -150,3 +150,18 @@ def test_pipeline_reads_chat_images_from_paths(converted_dir, tiny_model, tiny_p
     inputs = tiny_processor(images=reference_image, text="What is this?")
     expected = tiny_model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert answer == tiny_processor.decode_answers(expected[:, inputs["input_ids"].shape[1] :])[0]
+
+
+def test_the_tokenizer_ends_segments_as_the_model_does(tiny_model, tiny_processor):
+    """Trainer and TRL align the model's eos with the tokenizer's; both must be <|im_end|>, or fine-tuning would change
+    when the model stops."""
+    import copy
+
+    from transformers.trainer_utils import align_special_tokens
+
+    assert tiny_processor.tokenizer.eos_token == "<|im_end|>"
+    assert tiny_processor.tokenizer.eos_token_id == tiny_model.config.eos_token_id
+    model = copy.deepcopy(tiny_model)
+    align_special_tokens(model, tiny_processor)
+    assert model.config.get_text_config().eos_token_id == tiny_model.config.eos_token_id
+    assert model.generation_config.eos_token_id == tiny_model.generation_config.eos_token_id
