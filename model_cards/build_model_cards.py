@@ -1,6 +1,7 @@
 """Builds the model cards of UniMedVL (converted 14B release) and UniMedVL-Tiny with `huggingface_hub.ModelCard`.
 
-    python model_cards/build_model_cards.py [--output-dir model_cards] [--tiny-results results.json]
+    python model_cards/build_model_cards.py [--output-dir model_cards] [--tiny-results results.json] \
+        [--tiny-build build_summary.json] [--tiny-evaluation evaluation.json --tiny-grid UniMedVL-Tiny-samples.png]
 
 Writes `UniMedVL-14B.md` and `UniMedVL-Tiny.md` (each becomes a repository's README.md when published with
 `model_cards/publish.py`). Figures in the 14B card are those reported by the UniMedVL authors, labelled as such; the
@@ -50,19 +51,26 @@ image = model.generate(**inputs, generation_mode="image", height=512, width=512)
 TINY_GET_STARTED = """```python
 import torch
 from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor, default_model_path
+from modeling_unimedvl.default_model import TINY_IMAGE_TO_IMAGE, TINY_TEXT_TO_IMAGE
 from unimedvl_pipelines import load_medical_image
 
 path = default_model_path()  # shipped inside the package; or the Hub id "{repo}" with trust_remote_code=True
 model = UniMedVLForConditionalGeneration.from_pretrained(path).eval()
 processor = UniMedVLProcessor.from_pretrained(path)
-inputs = processor(images=load_medical_image("scan.dcm", window="soft_tissue"), text="What modality is this image?")
+inputs = processor(images=load_medical_image("scan.dcm"), text="What modality is this image?")
 ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)
 print(processor.decode_answers(ids[:, inputs["input_ids"].shape[1]:])[0])  # e.g. "CT"
 
-inputs = processor(text="MR, sagittal, head", generation_mode="image")  # modality, plane, region
-image = model.generate(**inputs, generation_mode="image", num_inference_steps=25, cfg_text_scale=3.0,
-                       cfg_interval=(0.0, 1.0), timestep_shift=1.0).images  # [1, 3, 64, 64] in [-1, 1]
-```"""
+inputs = processor(text="MR, sagittal, head", generation_mode="image")  # modality, plane, body region
+image = model.generate(**inputs, generation_mode="image", **TINY_TEXT_TO_IMAGE).images  # [1, 3, 64, 64] in [-1, 1]
+
+inputs = processor(images=blurry_64px_image, text="Increase the resolution of this image by a factor of two.",
+                   generation_mode="image")
+sharper = model.generate(**inputs, generation_mode="image", **TINY_IMAGE_TO_IMAGE).images
+```
+
+Without this package: `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)` and
+`AutoProcessor.from_pretrained(path, trust_remote_code=True)` load the same classes from the code files in the folder."""
 CITATION = """@misc{unimedvl,
   title        = {UniMedVL: Unifying Medical Multimodal Understanding and Generation},
   author       = {{General Medical AI (uni-medical)}},
@@ -157,47 +165,66 @@ def release_card(repo_id: str = "General-Medical-AI/UniMedVL") -> ModelCard:
 
 
 TINY_RECIPE = (
-    "Built from scratch on the CPU by one reproducible command (each step resumes if interrupted):\n\n"
+    "Built from scratch on the CPU by one reproducible command (each step checkpoints; re-running the command "
+    "resumes and ends with the same weights, bit for bit):\n\n"
     "```bash\n{command}\n```\n\n"
-    "Seed {seed}; machine: {machine}; torch threads {threads}. Steps and wall times: "
-    "tokenizer {tokenizer_s} s, VAE (stage 0) {vae_s} s, curriculum stage 1 {stage1_s} s, stage 2 {stage2_s} s, "
-    "stage 3 {stage3_s} s.\n\n"
+    "Seed {seed}; machine: {machine}; torch threads {threads}. Wall times: tokenizer {tokenizer_s} s, VAE {vae_s} s, "
+    "vision encoder {vision_s} s, data {data_s} s, curriculum stage 1 {stage1_s} s, stage 2 {stage2_s} s, stage 3 "
+    "{stage3_s} s (total {total_min} min).\n\n"
+    "- **Data**: training splits only — VQA-RAD train (without the one image that is also a MedPix dev image) and "
+    "MedPix 2.0 train. Nothing of VQA-RAD test or MedPix dev is seen by any step.\n"
     "- **Tokenizer**: byte-level BPE trained with `tokenizers` on the training text only (VQA-RAD train questions and "
     "answers, MedPix 2.0 train captions, labels and case text, the prompt templates); {vocab} tokens, Qwen2 "
     "pre-tokenizer, the UniMedVL special tokens at ids 0–6.\n"
-    "- **VAE (stage 0)**: the FLUX autoencoder layout (4 levels = 8× downsampling, 16 latent channels, same diffusers "
-    "block types, one res block, widths {vae_channels}) trained on MedPix train + VQA-RAD images at 64 px "
-    "(L1 + MSE + 1e-4 KL, {vae_steps} steps on 32-px crops, then {decoder_steps} decoder-only steps on whole images "
-    "with the encoder frozen); `scaling_factor` {scale:.4f} / `shift_factor` {shift:.4f} from its "
-    "latent statistics. MedPix dev reconstruction PSNR {vae_psnr} dB.\n"
-    "- **Model**: Qwen2 experts hidden 128, 4 layers, 4 heads (2 KV), MLP 512; SigLIP NaViT hidden 96, 3 layers, "
-    "patch 14, images ≤ 112 px; generation at 64 px (4×4 latent tokens); {params} parameters, float32 "
-    "({megabytes} MB of safetensors).\n"
+    "- **VAE (stage 0a)**: the FLUX autoencoder layout (same diffusers block types, 2×2 latent patches) at its own "
+    "geometry — {vae_levels} levels = {downsampling}× downsampling, {latent_channels} latent channels, widths "
+    "{vae_channels}, {vae_parameters} parameters — trained on the training images at {image_size} px (L1 + MSE + "
+    "1e-4 KL, {vae_steps} steps of {vae_batch} random {vae_crop}-px crops); `scaling_factor` {scale:.4f} / "
+    "`shift_factor` {shift:.4f} from its latent statistics. Reconstruction PSNR on training images {vae_psnr} dB "
+    "(2× bicubic: {vae_bicubic} dB).\n"
+    "- **Vision encoder (stage 0b)**: the model's SigLIP NaViT, connector and position table pretrained with linear "
+    "heads (discarded afterwards) on the training labels — MedPix modality, body region, plane and VQA-RAD organ — "
+    "on random crops, flips, small rotations and contrast / gamma changes, {vision_steps} steps of {vision_batch} "
+    "images.\n"
+    "- **Model**: Qwen2 experts hidden {hidden}, {layers} layers, {heads} heads ({kv_heads} KV), MLP {mlp}; SigLIP "
+    "NaViT hidden {vit_hidden}, {vit_layers} layers, patch {patch}, images ≤ {understanding_side} px; generation at "
+    "{image_size} px ({tokens} latent tokens); {params} parameters, float32 ({megabytes} MB of safetensors).\n"
     "- **Curriculum**: the package's stages 1, 2, 3 (`unimedvl_training.curriculum.run_curriculum`, shipped "
-    "mixtures and loss weights) with LR 1e-3 (constant, cosine in stage 3), batch 16, {steps} steps; ViT trained "
-    "(it starts random), VAE frozen. Understanding: VQA-RAD train questions, a region question per VQA-RAD train image (its organ label), MedPix train "
-    "modality / region / plane questions on {num_views} views (whole image, random crops and flips) of each image; "
-    "text-to-image: MedPix train images from label prompts (\"CT, axial, head\") and captions; image-to-image: 2× "
-    "super-resolution of MedPix train images. Loss (first → last 10 logged steps): {curves}."
+    "mixtures, loss weights and freezing: ViT and VAE frozen) with LR {learning_rate} (constant, cosine in stage 3), "
+    "batch {batch}, {steps} steps. Understanding: VQA-RAD train questions (a few per conversation), a region "
+    "question per VQA-RAD train image (its organ label), MedPix train modality / region / plane questions on "
+    "{num_views} views (the whole image, random crops, flips, contrast changes) of each image, and each MedPix caption "
+    "as the answer to the report prompt; text-to-image: MedPix train images from label prompts (\"CT, axial, head\") "
+    "and captions; image-to-image: 2× super-resolution of every MedPix train image. Loss (first → last 10 logged "
+    "steps): {curves}."
 )
 
 
 def tiny_recipe(build: dict) -> str:
     """The training-recipe paragraph of the Tiny card from the build script's `build_summary.json`."""
-    timings, vae = build["timings_s"], build["vae"]
+    timings, vae, text, vision = build["timings_s"], build["vae"], build["text_config"], build["vision_config"]
     curves = "; ".join(
         f"{stage['stage']} CE {stage['ce']['first10_mean']} → {stage['ce']['last10_mean']}, "
         f"MSE {stage['mse']['first10_mean']} → {stage['mse']['last10_mean']}"
         for stage in build["stages"]
     )
+    tokens = (build["image_size"] // (vae["downsampling"] * 2)) ** 2
     return TINY_RECIPE.format(
         command=build["command"], seed=build["seed"], machine=build.get("machine", "2-core CPU dev box"),
         threads=build.get("torch_threads", "?"), vocab=build.get("vocab_size", "?"),
-        vae_channels=tuple(vae["block_out_channels"]), vae_steps=vae["steps"], decoder_steps=(vae.get("decoder_finetune") or {}).get("steps", 0), scale=vae["scaling_factor"],
-        shift=vae["shift_factor"], vae_psnr=vae["dev_psnr"], params=f"{build.get('parameters', 0):,}",
-        megabytes=build.get("megabytes", "?"), steps=" / ".join(str(s) for s in build.get("stage_steps", [])),
-        curves=curves, num_views=build.get("num_views", 1), vae_s=vae.get("wall_s", timings.get("vae_s", "?")),
-        **{k: timings.get(k, "?") for k in ("tokenizer_s", "stage1_s", "stage2_s", "stage3_s")},
+        vae_levels=len(vae["block_out_channels"]), downsampling=vae["downsampling"], latent_channels=vae["latent_channels"],
+        vae_channels=tuple(vae["block_out_channels"]), vae_parameters=f"{vae['parameters']:,}", image_size=build["image_size"],
+        vae_steps=vae["steps"], vae_batch=vae["batch_size"], vae_crop=vae["train_crop"], scale=vae["scaling_factor"],
+        shift=vae["shift_factor"], vae_psnr=vae["train_psnr"], vae_bicubic=vae["train_psnr_2x_bicubic"],
+        vision_steps=build["vision"]["steps"], vision_batch=build["vision"]["batch_size"],
+        hidden=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
+        kv_heads=text["num_key_value_heads"], mlp=text["intermediate_size"], vit_hidden=vision["hidden_size"],
+        vit_layers=vision["num_hidden_layers"], patch=vision["patch_size"], understanding_side=build["understanding_side"],
+        tokens=tokens, params=f"{build.get('parameters', 0):,}", megabytes=build.get("megabytes", "?"),
+        learning_rate=build["learning_rate"], batch=build["batch_size"],
+        steps=" / ".join(str(s) for s in build.get("stage_steps", [])), curves=curves, num_views=build.get("num_views", 1),
+        total_min=round(sum(timings.values()) / 60), vae_s=timings.get("vae_s", "?"),
+        **{k: timings.get(k, "?") for k in ("tokenizer_s", "vision_s", "data_s", "stage1_s", "stage2_s", "stage3_s")},
     )
 
 
@@ -206,9 +233,37 @@ def _metric_type(name: str) -> str:
     return "psnr" if "psnr" in lowered else "ssim" if "ssim" in lowered else "recall" if "recall" in lowered else "accuracy"
 
 
-def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tiny", build: dict | None = None) -> ModelCard:
-    """Card of UniMedVL-Tiny with the measured held-out results (metric → value, baseline, dataset) and, given the
-    build script's summary (`build`), its training recipe."""
+TINY_GRID = """### Generated images
+
+![UniMedVL-Tiny text-to-image samples]({path})
+
+One row per prompt, one column per seed (0–3), {steps} steps, text guidance {guidance}; each image is {size} × {size}
+px, shown enlarged 2× (nearest neighbour). What the label classifier of the evaluation (modality, region) says about
+each row:
+
+{verdicts}"""
+
+
+def tiny_grid(grid: dict, path: str) -> str:
+    """The card section with the grid picture (`path`, relative to the card) and the classifier's verdicts per row."""
+    sampling = grid.get("sampling", {})
+    verdicts = _table(
+        ["prompt", "modality (seeds 0–3)", "region (seeds 0–3)"],
+        [[prompt, ", ".join(v["modality"]), ", ".join(v["region"])] for prompt, v in grid["classified"].items()],
+    )
+    return TINY_GRID.format(
+        path=path, steps=sampling.get("num_inference_steps", "?"), guidance=sampling.get("cfg_text_scale", "?"),
+        size=grid.get("size", 64), verdicts=verdicts,
+    )
+
+
+def tiny_card(
+    results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tiny", build: dict | None = None,
+    grid: dict | None = None, grid_path: str | None = None,
+) -> ModelCard:
+    """Card of UniMedVL-Tiny with the measured held-out results (metric → value, baseline, dataset and, where the
+    issue set one, target), given the build script's summary (`build`) its training recipe, and given the
+    evaluation's grid (`grid`, `grid_path` relative to the card) the generated images."""
     results = results or {}
     card_data = ModelCardData(
         language="en",
@@ -228,7 +283,10 @@ def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tin
         extra_gated_prompt="Research and teaching use only. Not for clinical use.",
     )
     table = (
-        _table(["metric", "dataset", "UniMedVL-Tiny", "baseline"], [[k, v["dataset"], v["value"], v["baseline"]] for k, v in results.items()])
+        _table(
+            ["metric", "dataset", "UniMedVL-Tiny", "baseline", "target"],
+            [[k, v["dataset"], v["value"], v["baseline"], v.get("target", "—")] for k, v in results.items()],
+        )
         if results
         else "Not evaluated yet."
     )
@@ -237,10 +295,14 @@ def tiny_card(results: dict | None = None, repo_id: str = "unimedvl/UniMedVL-Tin
             "Held-out data only (VQA-RAD test, MedPix 2.0 dev), measured with "
             "`python -m unimedvl_training.evaluate_unimedvl_tiny` (the package's evaluation harness). Baselines: the "
             "training split's majority answer / class; for generated images, the majority class of the prompts "
-            "(a label classifier trained on MedPix train judges the images); for super-resolution, the bicubic input (every output goes through the VAE, whose own reconstruction PSNR on "
-            "MedPix dev bounds it; see the training regime).\n\n"
+            "(a label classifier trained on MedPix train judges the images; its accuracy on the real dev images is "
+            "given beside); for super-resolution, the bicubic input (every output goes through the VAE, whose own "
+            "reconstruction of the targets is given too). Targets: those of the project's issue for this model; a "
+            "value below its target is not reached.\n\n"
             + table
         )
+    if grid and grid_path:
+        table += "\n\n" + tiny_grid(grid, grid_path)
     return ModelCard.from_template(
         card_data,
         model_id="UniMedVL-Tiny",
@@ -269,13 +331,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default=str(CARDS_DIR))
     parser.add_argument("--tiny-results", help="JSON file with UniMedVL-Tiny's measured results")
     parser.add_argument("--tiny-build", help="build_summary.json of unimedvl_training.build_unimedvl_tiny (training recipe)")
+    parser.add_argument("--tiny-evaluation", help="evaluation.json of unimedvl_training.evaluate_unimedvl_tiny (its grid)")
+    parser.add_argument("--tiny-grid", default="UniMedVL-Tiny-samples.png", help="the grid picture, relative to the card")
     args = parser.parse_args(argv)
     output = pathlib.Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     results = json.loads(pathlib.Path(args.tiny_results).read_text()) if args.tiny_results else None
     release_card().save(output / "UniMedVL-14B.md")
     build = json.loads(pathlib.Path(args.tiny_build).read_text()) if args.tiny_build else None
-    tiny_card(results, build=build).save(output / "UniMedVL-Tiny.md")
+    evaluation = json.loads(pathlib.Path(args.tiny_evaluation).read_text()) if args.tiny_evaluation else {}
+    tiny_card(results, build=build, grid=evaluation.get("grid"), grid_path=args.tiny_grid).save(output / "UniMedVL-Tiny.md")
     print(f"wrote {output / 'UniMedVL-14B.md'} and {output / 'UniMedVL-Tiny.md'}")
 
 

@@ -10,6 +10,31 @@ import os
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unimedvl_tiny")
 """Folder of the shipped UniMedVL-Tiny (config, `model.safetensors`, tokenizer, processor, code files)."""
+DEFAULT_MODEL_NAME = "UniMedVL-Tiny"
+DEFAULT_MODEL_NATURE = (
+    "a tiny demonstration model ({parameters} parameters) trained from scratch on about 2,000 CT and MR images "
+    "(MedPix 2.0 and VQA-RAD training splits) to name the modality, body region and plane of a CT / MR image, answer "
+    "simple questions, give a one-line caption as its report and draw {size} × {size} px images. Its answers are often "
+    "wrong (see its model card); it is not a medical device."
+)
+"""What UniMedVL-Tiny is, in words for the people who meet it (quickstart, demo); `{parameters}`, `{size}` filled in."""
+TINY_TEXT_TO_IMAGE = {
+    "num_inference_steps": 25,
+    "cfg_text_scale": 3.0,
+    "cfg_img_scale": 1.0,
+    "cfg_interval": (0.0, 1.0),
+    "timestep_shift": 1.0,
+}
+"""UniMedVL-Tiny's text-to-image sampler settings (quickstart, demo and its evaluation use them)."""
+TINY_IMAGE_TO_IMAGE = {
+    "num_inference_steps": 25,
+    "cfg_text_scale": 1.0,
+    "cfg_img_scale": 1.0,
+    "cfg_interval": (0.0, 1.0),
+    "timestep_shift": 1.0,
+    "vae_encode": "mean",
+}
+"""UniMedVL-Tiny's image-to-image (2× super-resolution) sampler settings."""
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json")
 
@@ -38,4 +63,24 @@ def resolve_model_path(path: str | None = None) -> str:
     return path or os.environ.get("UNIMEDVL_MODEL") or default_model_path()
 
 
-__all__ = ["DEFAULT_MODEL_DIR", "default_model_path", "resolve_model_path"]
+def describe_model(path, model) -> tuple[str, str]:
+    """`(name, nature)` of a loaded model for people: UniMedVL-Tiny for the shipped folder, else the folder's name and
+    its size (entry points show them beside every answer)."""
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    count = f"{parameters / 1e9:.1f} B" if parameters >= 1e9 else f"{parameters / 1e6:.1f} M"
+    if os.path.abspath(str(path)) == os.path.abspath(DEFAULT_MODEL_DIR):
+        size = model.config.max_latent_size * model.config.latent_downsample
+        return DEFAULT_MODEL_NAME, DEFAULT_MODEL_NATURE.format(parameters=count, size=size)
+    name = os.path.basename(os.path.normpath(str(path))) or str(path)
+    return name, f"a UniMedVL model with {count} parameters (from {name}). A research model, not a medical device."
+
+
+__all__ = [
+    "DEFAULT_MODEL_DIR",
+    "DEFAULT_MODEL_NAME",
+    "TINY_IMAGE_TO_IMAGE",
+    "TINY_TEXT_TO_IMAGE",
+    "default_model_path",
+    "describe_model",
+    "resolve_model_path",
+]

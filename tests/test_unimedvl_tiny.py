@@ -1,8 +1,12 @@
-"""UniMedVL-Tiny, the default model shipped in `modeling_unimedvl/unimedvl_tiny/`: size, loading, tokenizer, behaviour."""
+"""UniMedVL-Tiny, the default model shipped in `modeling_unimedvl/unimedvl_tiny/`: size, loading (with and without
+the package), code files, tokenizer, behaviour, the build's data and resumable loops, the quickstart."""
 
 import json
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,11 +14,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 
 import modeling_unimedvl as m
 from modeling_unimedvl import default_model
+from unimedvl_training import build_unimedvl_tiny as build
 
 
-MAX_BYTES = 25 * 1024 * 1024
-SHIPPED_SUFFIXES = {".json", ".safetensors", ".jinja", ".txt"}
+MAX_BYTES = 50 * 2**20
+SHIPPED_SUFFIXES = {".json", ".safetensors", ".jinja", ".py"}
 MODALITY_QUESTION = "What modality is this image?"
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +42,9 @@ def processor(tiny_dir):
 def ct_image():
     from pydicom.data import get_testdata_file
 
-    from unimedvl_pipelines.medical_images import read_dicom
+    from unimedvl_pipelines.medical_images import load_medical_image
 
-    return read_dicom(get_testdata_file("CT_small.dcm"))
+    return load_medical_image(get_testdata_file("CT_small.dcm"), window="soft_tissue")
 
 
 def greedy_answers(model, processor, images, question, max_new_tokens=8):
@@ -48,15 +54,94 @@ def greedy_answers(model, processor, images, question, max_new_tokens=8):
     return [answer.strip() for answer in processor.decode_answers(output[:, inputs["input_ids"].shape[1] :])]
 
 
-def test_shipped_folder_is_small_and_pickle_free(tiny_dir):
+def test_shipped_folder_is_small_hub_ready_and_pickle_free(tiny_dir):
     files = [path for path in tiny_dir.iterdir() if path.is_file()]
     assert sum(path.stat().st_size for path in files) <= MAX_BYTES
     assert {path.suffix for path in files} <= SHIPPED_SUFFIXES, sorted(path.name for path in files)
-    assert (tiny_dir / "model.safetensors").is_file()
     config = json.loads((tiny_dir / "config.json").read_text())
     assert config["model_type"] == "unimedvl" and config["dtype"] == "float32"
-    assert "auto_map" not in config  # the package registers the classes; no stale copies of its code
-    assert "auto_map" not in (tiny_dir / "processor_config.json").read_text()
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_unimedvl.UniMedVLConfig",
+        "AutoModelForImageTextToText": "modeling_unimedvl.UniMedVLForConditionalGeneration",
+    }
+    processor_config = json.loads((tiny_dir / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_unimedvl.UniMedVLProcessor"}
+
+
+def test_code_files_are_the_package_sources(tiny_dir):
+    """The copies that travel with the folder equal the package's current modules (refresh them with
+    `python -m unimedvl_training.build_unimedvl_tiny --refresh-code`)."""
+    wanted = build.current_code()
+    assert set(build.code_files(str(tiny_dir))) == set(wanted)
+    stale = [name for name, content in wanted.items() if (tiny_dir / name).read_bytes() != content]
+    assert not stale, f"{stale} differ from the package: run python -m unimedvl_training.build_unimedvl_tiny --refresh-code"
+    assert {"modeling_unimedvl.py", "configuration_unimedvl.py", "processing_unimedvl.py", "image_processing_unimedvl.py"} <= set(wanted)
+
+
+def test_refresh_code_files_rewrites_stale_and_removes_unused_copies(tiny_dir, tmp_path):
+    for path in tiny_dir.iterdir():
+        if path.suffix in (".json", ".py"):
+            shutil.copy2(path, tmp_path / path.name)
+    (tmp_path / "modeling_unimedvl.py").write_text("# an old copy\n")
+    (tmp_path / "old_helper.py").write_text("# no longer imported\n")
+    assert build.refresh_code_files(str(tmp_path)) == ["modeling_unimedvl.py", "old_helper.py"]
+    assert set(build.code_files(str(tmp_path))) == set(build.current_code())
+    assert (tmp_path / "modeling_unimedvl.py").read_bytes() == build.current_code()["modeling_unimedvl.py"]
+    assert build.refresh_code_files(str(tmp_path)) == []
+
+
+REMOTE_CODE_SCRIPT = r"""
+import importlib.abc, json, sys
+
+class NoPackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("modeling_unimedvl", "unimedvl_pipelines", "unimedvl_training"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the package is not installed here)")
+        return None
+
+sys.meta_path.insert(0, NoPackage())
+try:
+    import modeling_unimedvl
+    raise SystemExit("the package is importable")
+except ModuleNotFoundError:
+    pass
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+folder = sys.argv[1]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+image = Image.open(sys.argv[2]).convert("RGB")
+inputs = processor(images=image, text="What modality is this image?")
+ids = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+print(json.dumps({
+    "model": type(model).__name__, "model_module": type(model).__module__,
+    "processor": type(processor).__name__, "processor_module": type(processor).__module__,
+    "answer": processor.decode_answers(ids[:, inputs["input_ids"].shape[1]:])[0].strip(),
+    "loaded": sorted(name for name in sys.modules if name.split(".")[0] in ("modeling_unimedvl", "unimedvl_pipelines", "unimedvl_training")),
+}))
+"""
+
+
+def test_loads_with_trust_remote_code_where_the_package_is_not_installed(tiny_dir, model, processor, ct_image, tmp_path):
+    folder = tmp_path / "UniMedVL-Tiny"
+    shutil.copytree(tiny_dir, folder)
+    ct_image.save(tmp_path / "ct.png")
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder), str(tmp_path / "ct.png")],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["model"] == "UniMedVLForConditionalGeneration" and loaded["processor"] == "UniMedVLProcessor"
+    assert loaded["model_module"].startswith("transformers_modules.") and loaded["processor_module"].startswith("transformers_modules.")
+    assert loaded["loaded"] == []
+    from PIL import Image
+
+    assert loaded["answer"] == greedy_answers(model, processor, [Image.open(tmp_path / "ct.png").convert("RGB")], MODALITY_QUESTION)[0]
 
 
 def test_default_model_path_error_when_missing(monkeypatch, tmp_path):
@@ -71,7 +156,7 @@ def test_loads_with_auto_classes(tiny_dir, model):
     assert isinstance(AutoProcessor.from_pretrained(tiny_dir), m.UniMedVLProcessor)
     state, auto_state = model.state_dict(), auto_model.state_dict()
     assert all(torch.equal(state[key], auto_state[key]) for key in state)
-    assert sum(p.numel() for p in model.parameters()) < 10_000_000
+    assert sum(p.numel() for p in model.parameters()) * 4 <= MAX_BYTES
 
 
 def test_tokenizer_is_the_projects(tiny_dir, model, processor):
@@ -94,16 +179,12 @@ def test_tokenizer_is_the_projects(tiny_dir, model, processor):
 def test_greedy_answer_on_dicom_is_deterministic(model, processor, ct_image):
     first = greedy_answers(model, processor, [ct_image], MODALITY_QUESTION)
     second = greedy_answers(model, processor, [ct_image], MODALITY_QUESTION)
-    assert first == second and first[0]
+    assert first == second == ["CT"]
 
 
 def test_generates_a_64px_image(model, processor):
     inputs = processor(text="CT, axial, head", generation_mode="image")
-    generator = torch.Generator().manual_seed(0)
-    output = model.generate(
-        **inputs, generation_mode="image", height=64, width=64, num_inference_steps=4, cfg_text_scale=3.0,
-        cfg_interval=(0.0, 1.0), timestep_shift=1.0, generator=generator,
-    )
+    output = model.generate(**inputs, generation_mode="image", generator=torch.Generator().manual_seed(0), **dict(default_model.TINY_TEXT_TO_IMAGE, num_inference_steps=4))
     assert output.images.shape == (1, 3, 64, 64)
     assert torch.isfinite(output.images).all()
     assert output.images.min() >= -1.5 and output.images.max() <= 1.5
@@ -124,70 +205,94 @@ def test_answers_modality_of_medpix_dev_images(model, processor, data_dir):
     assert correct >= max(majority + 2, int(0.7 * len(rows))), (correct, len(rows), answers)
 
 
-def test_super_resolution_rows_match_the_inference_context(data_dir, tmp_path):
-    """The build's image-to-image rows have no reply before the target, so training sees the inference sequence."""
-    from unimedvl_training.build_unimedvl_tiny import build_data, read_jsonl
+def test_build_data_rows(data_dir, tmp_path):
+    """The curriculum rows: no held-out image, conversations with the MedPix questions, reports, SR rows shaped as
+    the inference context (no reply before the target)."""
+    config = build.build_data(str(data_dir), str(tmp_path), seed=0, num_views=2, num_sr=3)
+    sr = build.read_jsonl(config["interleaved"][0]["jsonl"])
+    assert len(sr) == 3 and all([message["from"] for message in row["message"]] == ["human"] for row in sr)
+    assert all(os.path.isabs(row["input_img"][0]["path"]) and os.path.isfile(row["output_img"][0]["path"]) for row in sr)
+    understanding = build.read_jsonl(config["understanding"][0]["jsonl"])
+    questions = {message["value"].removeprefix("<image>\n") for row in understanding for message in row["message"] if message["from"] == "human"}
+    assert {build.MODALITY_QUESTION, build.REGION_QUESTION, build.PLANE_QUESTION, build.REPORT_PROMPT} <= questions
+    held_out = build.held_out_synpics(str(data_dir))
+    images = {os.path.basename(row["input_img"][0]["path"]).split("_v")[0] for row in understanding}
+    assert not any(name.split("_", 1)[-1] in held_out for name in images)
+    medpix_views = [row for row in understanding if "medpix_views" in row["input_img"][0]["path"] and len(row["message"]) > 2]
+    assert len(medpix_views) == 2 * len(build.medpix_rows(str(data_dir), "train"))
+    assert all(row["message"][0]["value"].startswith("<image>\n") for row in understanding)
 
-    config = build_data(str(data_dir), str(tmp_path), num_sr=3, seed=0)
-    rows = read_jsonl(config["interleaved"][0]["jsonl"])
-    assert len(rows) == 3
-    assert all([m["from"] for m in row["message"]] == ["human"] for row in rows)
-    for row in rows:
-        low, high = row["input_img"][0]["path"], row["output_img"][0]["path"]
-        assert os.path.isabs(low) and os.path.isfile(low) and os.path.isfile(high)
-    understanding = read_jsonl(config["understanding"][0]["jsonl"])
-    assert all(os.path.isfile(row["input_img"][0]["path"]) for row in understanding[::50])
-    questions = {row["message"][0]["value"].split("\n", 1)[1] for row in understanding}
-    assert {"What modality is this image?", "Which body region is shown?", "In which plane was this image taken?"} <= questions
+
+def test_held_out_vqa_rad_image_is_excluded(data_dir):
+    held_out = build.held_out_synpics(str(data_dir))
+    with open(data_dir / "vqa_rad" / "trainset.json") as handle:
+        every = json.load(handle)
+    kept = build.vqa_rad_train(str(data_dir))
+    removed = [row for row in every if os.path.splitext(row["image_name"])[0] in held_out]
+    assert removed and len(kept) == len(every) - len(removed)
 
 
-def test_shipped_copy_has_no_code_and_no_auto_map(tmp_path):
-    from unimedvl_training.build_unimedvl_tiny import ship_default_model
+def test_loop_checkpoints_resume_bit_for_bit(tmp_path):
+    """A hand-written loop killed after step 3 and resumed ends with the weights of an uninterrupted 7-step run."""
+    import random
 
-    final = tmp_path / "final"
-    final.mkdir()
-    (final / "config.json").write_text(json.dumps({"model_type": "unimedvl", "auto_map": {"AutoConfig": "x.Y"}}))
-    (final / "processor_config.json").write_text(json.dumps({"image_processor": {"auto_map": {}, "patch_size": 14}}))
-    (final / "modeling_unimedvl.py").write_text("# code")
-    (final / "model.safetensors").write_bytes(b"weights")
-    (final / "ema.pt").write_bytes(b"pickle")
-    shipped = pathlib.Path(ship_default_model(str(final), str(tmp_path / "shipped")))
-    assert sorted(path.name for path in shipped.iterdir()) == ["config.json", "model.safetensors", "processor_config.json"]
-    assert json.loads((shipped / "config.json").read_text()) == {"model_type": "unimedvl"}
-    assert json.loads((shipped / "processor_config.json").read_text()) == {"image_processor": {"patch_size": 14}}
+    def run(directory, steps):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, build.cosine_with_warmup(7, 2))
+        generator, rng = torch.Generator().manual_seed(0), random.Random(0)
+        checkpoints = build.LoopCheckpoints(str(directory), {"module": module}, optimizer, schedule, generator, rng)
+
+        def step_fn(step):
+            inputs = torch.randn(5, 4, generator=generator) * rng.uniform(0.5, 1.5)
+            loss = module(inputs).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            return {"loss": loss}
+
+        history = build.run_loop(checkpoints, steps, step_fn, save_every=3, log_every=1)
+        return module.state_dict(), history
+
+    whole, whole_history = run(tmp_path / "whole", 7)
+    run(tmp_path / "killed", 3)
+    assert sorted(os.listdir(tmp_path / "killed")) == ["checkpoint-3"]
+    resumed, resumed_history = run(tmp_path / "killed", 7)
+    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert resumed_history == whole_history
 
 
 @pytest.mark.slow
 def test_the_build_script_runs_end_to_end(data_dir, tmp_path):
-    """Every step of the build (tokenizer, VAE, model, data, three stages, final folder) for two steps each."""
-    from unimedvl_training.build_unimedvl_tiny import main
-
-    summary = main([
-        "--data", str(data_dir), "--output", str(tmp_path), "--vae-steps", "2", "--vae-decoder-steps", "2",
-        "--stage-steps", "2", "2", "2", "--batch-size", "2", "--num-sr", "4", "--vocab-size", "600",
+    """Every step of the build (tokenizer, VAE, model, vision, data, three stages, final folder) for two steps each."""
+    summary = build.main([
+        "--data", str(data_dir), "--output", str(tmp_path), "--vae-steps", "2", "--vision-steps", "2",
+        "--stage-steps", "2", "2", "2", "--batch-size", "2", "--num-sr", "4", "--vocab-size", "600", "--num-views", "1",
     ])
     assert summary["vocab_size"] == 600 and summary["dtypes"] == ["F32"]
     assert [stage["stage"] for stage in summary["stages"]] == ["stage1", "stage2", "stage3"]
     loaded = m.UniMedVLForConditionalGeneration.from_pretrained(summary["final"])
     assert loaded.config.text_config.vocab_size == 600
+    assert set(build.code_files(summary["final"])) == set(build.current_code())
 
 
 def test_quickstart_runs_offline_on_the_shipped_model(tmp_path):
     """The README's main job: `python examples/quickstart.py` answers, generates and super-resolves, offline."""
-    import subprocess
-    import sys
+    from PIL import Image
 
     environment = dict(os.environ, HF_HUB_OFFLINE="1")
     environment.pop("UNIMEDVL_MODEL", None)
     result = subprocess.run(
-        [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"), "--output-dir", str(tmp_path)],
+        [sys.executable, str(REPO_ROOT / "examples" / "quickstart.py"), "--output-dir", str(tmp_path)],
         capture_output=True, text=True, env=environment, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert f"model: {m.default_model_path()}" in result.stdout
-    assert "A: 'CT'" in result.stdout  # pydicom's CT_small.dcm, soft-tissue window
-    for name in ("text_to_image.png", "image_to_image.png"):
-        from PIL import Image
-
+    assert f"model: {m.default_model_path()}" in result.stdout and "UniMedVL-Tiny: a tiny demonstration model" in result.stdout
+    assert "Q: What modality is this image?\nA: 'CT'" in result.stdout  # pydicom's CT_small.dcm, soft-tissue window
+    for name in ("text_to_image.png", "super_resolution_input.png", "super_resolution_output.png", "super_resolution_reference.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size == (64, 64)
+    with Image.open(tmp_path / "quickstart.png") as image:
+        assert image.width == 5 * 192

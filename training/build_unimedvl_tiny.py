@@ -1,28 +1,45 @@
-"""Builds UniMedVL-Tiny from scratch on the CPU: tokenizer, VAE, random small UniMedVL, the three curriculum stages.
+"""Builds UniMedVL-Tiny from scratch on the CPU: tokenizer, VAE, vision encoder, the three curriculum stages.
 
-    python -m unimedvl_training.build_unimedvl_tiny --data ../shared/data --output outputs/unimedvl_tiny --seed 0
+    python -m unimedvl_training.build_unimedvl_tiny --data ../shared/data --output outputs/unimedvl_tiny --seed 0 \
+        --threads 2 --ship
 
-Steps (each is skipped when its output exists, so an interrupted run resumes):
+Steps (each writes its result atomically and is skipped when that result exists; the long ones save a checkpoint
+every few hundred steps and continue from it, so a killed build re-run with the same command resumes and ends with
+the same weights, bit for bit, as an uninterrupted one):
 
 0. **Tokenizer** — a byte-level BPE (`tokenizers`, Qwen2 pre-tokenizer) trained on the *training* text only: VQA-RAD
    train questions/answers, MedPix train captions/labels/case text and the prompt templates below; the UniMedVL special
    tokens get ids 0–6. Saved as a `Qwen2Tokenizer` (tokenizer.json + tokenizer_config.json).
-1. **VAE** (stage 0) — the original uses the pretrained FLUX VAE; there is none at this size, so a diffusers
-   `AutoencoderKL` with the FLUX layout (4 levels = 8× downsampling, 16 latent channels, same block types, one res
-   block, small widths) is trained on MedPix train + VQA-RAD images at 64 px (L1 + MSE + small KL). Its latent mean /
-   std set `shift_factor` / `scaling_factor` as FLUX does (`(z − shift)·scale` ≈ unit variance).
-2. **Model** — a fresh `UniMedVLConfig` at small size with the trained VAE inside, randomly initialised.
-3. **Curriculum** — the project's stages 1, 2, 3 (`run_curriculum`, shipped stage configs + overrides: steps, LR,
-   batch, small resolutions, ViT unfrozen because it is random, VAE frozen) on: understanding = VQA-RAD train, a
-   region question per VQA-RAD train image (organ label), and derived MedPix train questions (modality, body region,
-   plane) on 4 views (whole, random crops and flips) of each image; text-to-image = MedPix train images from label prompts
-   ("CT, axial, head") and captions; image-to-image = 2× super-resolution of MedPix train images.
-4. **Final folder** (`OUTPUT/final`): config, `model.safetensors` (float32), tokenizer, processor, generation config,
-   code files + `auto_map` — loadable with `from_pretrained` and the `Auto*` classes (Hub-ready). With `--ship` it is
-   also installed, without the code files, as the package's default model `modeling_unimedvl/unimedvl_tiny/`.
+1. **Model** — a fresh `UniMedVLConfig` at small size (`TEXT_CONFIG`, `VISION_CONFIG`, `VAE_GEOMETRY`), randomly
+   initialised, with the processor at the Tiny resolutions.
+2. **Vision encoder** (stage 0b) — the original starts from a pretrained SigLIP; there is none at this size, so the
+   model's own SigLIP NaViT (+ connector and position table) is pretrained on the training images with linear heads
+   for the labels the data carries (MedPix modality / body region / plane, VQA-RAD organ), on random crops, flips,
+   small rotations and contrast / gamma changes of each image (`augmented_view`). The heads are discarded.
+3. **VAE** (stage 0a) — the original uses the pretrained FLUX VAE; there is none at this size, so a diffusers
+   `AutoencoderKL` with the FLUX layout (same block types, `VAE_GEOMETRY`: 3 levels = 4× downsampling, 16 latent
+   channels) is trained on MedPix train + VQA-RAD train images at 64 px (L1 + MSE + small KL, random crops). Its latent
+   mean / std set `shift_factor` / `scaling_factor` as FLUX does (`(z − shift)·scale` ≈ unit variance). 4× (not 8×)
+   so that a 64-px image keeps the detail 2× super-resolution needs. Steps 2 and 3 are independent of each other.
+4. **Start model** — the model of step 2 with the VAE of step 3 inside (`assemble_start_model`).
+5. **Curriculum** — the project's stages 1, 2, 3 (`run_curriculum`, shipped stage configs + `curriculum_config`
+   overrides: steps, LR, batch, small resolutions; ViT and VAE frozen as in the original) on: understanding = VQA-RAD
+   train questions (several per conversation), a region question per VQA-RAD train image (organ label), MedPix train
+   modality / region / plane questions (one conversation per view, questions in random order) on `num_views` views of
+   each image, and MedPix captions as answers to the report prompt; text-to-image = MedPix train images from label
+   prompts ("CT, axial, head") and captions; image-to-image = 2× super-resolution of every MedPix train image.
+6. **Final folder** (`OUTPUT/final`): config with `auto_map`, `model.safetensors` (float32), tokenizer, processor,
+   generation config and the package's model code, written by `save_pretrained` — loadable with `from_pretrained`,
+   the `Auto*` classes and `trust_remote_code=True` without this package (Hub-ready). With `--ship` it is installed
+   as the package's default model `modeling_unimedvl/unimedvl_tiny/`; `refresh_code_files` (or
+   `python -m unimedvl_training.build_unimedvl_tiny --refresh-code`) re-copies the current model code into it.
 
-Data is read in place from `--data` (never copied); derived JSONL files, resized copies and super-resolution pairs go
-to `OUTPUT/data`. Held-out data (VQA-RAD test, MedPix dev) is never used here.
+The VAE and vision steps follow cosine schedules over fixed horizons (`SCHEDULE_STEPS`): `--vae-steps` /
+`--vision-steps` below them stop early on the same schedule, so a short build is the first part of a longer one.
+
+Data is read in place from `--data` (never copied); derived JSONL files, resized views and super-resolution pairs go
+to `OUTPUT/data`. Held-out data is never used: not VQA-RAD test, not MedPix dev, and not the VQA-RAD images that are
+also MedPix dev images (one image, `held_out_synpics`).
 """
 
 import argparse
@@ -32,9 +49,12 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
+
+from modeling_unimedvl.atomic_files import staged_folder, write_json
 
 from .run_tiny_curriculum import read_jsonl, sr_pair, summarize, write_jsonl
 
@@ -61,6 +81,11 @@ MODALITY_QUESTION = "What modality is this image?"
 REGION_QUESTION = "Which body region is shown?"
 PLANE_QUESTION = "In which plane was this image taken?"
 SR_INSTRUCTION = "Increase the resolution of this image by a factor of two."
+REPORT_PROMPT = (
+    "Please analyze this medical image using professional medical knowledge and provide a detailed radiological "
+    "report with findings and diagnostic opinions."
+)
+"""The report instruction of the CLI and the demo (`unimedvl_pipelines.cli.REPORT_PROMPT`); MedPix captions answer it."""
 
 REGIONS = {
     "Head": "head",
@@ -74,12 +99,17 @@ VQA_RAD_ORGANS = {"HEAD": "head", "CHEST": "thorax", "ABD": "abdomen"}
 """VQA-RAD `image_organ` → the region word of the MedPix region questions."""
 PLANES = {"Axial": "axial", "Transverse": "axial", "Coronal": "coronal", "Sagittal": "sagittal"}
 """MedPix `Plane` → plane word; every other plane value becomes `other`."""
+MODALITY_NAMES = ("CT", "MR")
+REGION_NAMES = tuple(REGIONS.values())
+PLANE_NAMES = ("axial", "coronal", "sagittal")
 
 IMAGE_SIZE = 64
-"""Generation resolution (VAE training, text-to-image, super-resolution): 64 px → 8×8 latents → 4×4 = 16 tokens."""
+"""Generation resolution (VAE training, text-to-image, super-resolution): 64 px → 16×16 latents → 8×8 = 64 tokens."""
+UNDERSTANDING_SIDE = 112
+VIT_PATCH = 14
 IMAGE_TRANSFORMS = {
-    "understanding": [112, 56, 14, 112 * 112],
-    "generation_vit": [112, 56, 14, 112 * 112],
+    "understanding": [UNDERSTANDING_SIDE, UNDERSTANDING_SIDE // 2, VIT_PATCH, UNDERSTANDING_SIDE**2],
+    "generation_vit": [UNDERSTANDING_SIDE, UNDERSTANDING_SIDE // 2, VIT_PATCH, UNDERSTANDING_SIDE**2],
     "generation_vae": [IMAGE_SIZE, 32, 16, IMAGE_SIZE * IMAGE_SIZE],
 }
 """(max long side, min short side, stride, max pixels): ViT images ≤ 112 px, generation images ≤ 64 px."""
@@ -87,8 +117,8 @@ SR_TRANSFORM = tuple(IMAGE_TRANSFORMS["generation_vae"])
 """Size rule of the super-resolution pairs: the generation size."""
 
 TEXT_CONFIG = {
-    "hidden_size": 128,
-    "intermediate_size": 512,
+    "hidden_size": 160,
+    "intermediate_size": 640,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
@@ -98,32 +128,47 @@ TEXT_CONFIG = {
     "hidden_act": "silu",
 }
 VISION_CONFIG = {
-    "hidden_size": 96,
-    "intermediate_size": 384,
-    "num_hidden_layers": 3,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
     "num_attention_heads": 4,
-    "patch_size": 14,
-    "image_size": 112,
+    "patch_size": VIT_PATCH,
+    "image_size": UNDERSTANDING_SIDE,
     "hidden_act": "gelu_pytorch_tanh",
     "layer_norm_eps": 1e-6,
 }
-VAE_BLOCK_OUT_CHANNELS = (16, 32, 64, 64)
-VAE_NORM_GROUPS = 16
+VAE_GEOMETRY = {
+    "block_out_channels": (16, 32, 64),
+    "latent_channels": 16,
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+}
+"""The Tiny VAE: FLUX block types and latent patching, 3 levels (4× downsampling), 16 latent channels, small widths."""
 VAE_CROP = 32
-"""The VAE trains on random 32-px crops of the 64-px images (it is convolutional; 4x cheaper per sample)."""
+"""The VAE trains on random 32-px crops of the 64-px images (it is convolutional; 4× cheaper per sample)."""
+SCHEDULE_STEPS = {"vae": 600, "vision": 600}
+"""Horizons of the cosine LR schedules of the VAE and vision steps: `--vae-steps` / `--vision-steps` below them stop
+early on the same schedule, so a shorter run is exactly the first part of the full one."""
+VAE_STATISTICS_IMAGES = 512
+"""Training images (a fixed random subset) whose latents set the scaling / shift factors and whose reconstruction
+PSNR the report gives."""
 
 DEFAULTS = {
     "vocab_size": 3000,
-    "vae_steps": 1000,
-    "vae_batch_size": 32,
+    "vae_steps": 600,
+    "vae_batch_size": 24,
     "vae_learning_rate": 2e-3,
     "vae_kl_weight": 1e-4,
-    "vae_decoder_steps": 600,
-    "stage_steps": (2000, 1800, 1800),
+    "vision_steps": 600,
+    "vision_batch_size": 32,
+    "vision_learning_rate": 1e-3,
+    "stage_steps": (700, 600, 600),
     "batch_size": 16,
     "learning_rate": 1e-3,
-    "num_sr": 800,
-    "num_views": 4,
+    "num_views": 3,
+    "vqa_rounds": 2,
+    "questions_per_turn": 3,
+    "save_every": 200,
 }
 
 
@@ -155,6 +200,117 @@ def medpix_questions(row: dict) -> list[tuple[str, str]]:
     return pairs
 
 
+def held_out_synpics(data_dir: str) -> set[str]:
+    """MedPix image ids (`synpicN`) of the MedPix dev split: VQA-RAD images with these ids are never trained on."""
+    return {row["image"].split("_", 1)[1] for row in medpix_rows(data_dir, "dev")}
+
+
+def vqa_rad_train(data_dir: str) -> list[dict]:
+    """VQA-RAD train questions, without those about images that are also MedPix dev images."""
+    with open(os.path.join(data_dir, "vqa_rad", "trainset.json")) as handle:
+        rows = json.load(handle)
+    held_out = held_out_synpics(data_dir)
+    return [row for row in rows if os.path.splitext(row["image_name"])[0] not in held_out]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resumable training loops (VAE, vision encoder)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class LoopCheckpoints:
+    """Saves and restores the whole state of a hand-written training loop as `DIR/checkpoint-N` folders.
+
+    A checkpoint holds the modules' weights, the optimizer state and the random generators (torch and Python) in
+    `state.safetensors` and the step, the LR schedule and the log in `state.json`; it is written into a staging
+    folder and renamed into place, so a killed run never leaves a partial checkpoint. Only safetensors and JSON are
+    read back (nothing is unpickled). Resuming from step N then gives exactly the weights of an uninterrupted run.
+    """
+
+    def __init__(self, directory: str, modules: dict, optimizer, schedule, generator, rng: random.Random):
+        self.directory, self.modules, self.optimizer = directory, modules, optimizer
+        self.schedule, self.generator, self.rng = schedule, generator, rng
+
+    def latest(self) -> str | None:
+        if not os.path.isdir(self.directory):
+            return None
+        steps = [int(name.split("-")[1]) for name in os.listdir(self.directory) if name.startswith("checkpoint-")]
+        return os.path.join(self.directory, f"checkpoint-{max(steps)}") if steps else None
+
+    def save(self, step: int, history: list) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"module.{name}.{key}": value.detach().contiguous() for name, module in self.modules.items() for key, value in module.state_dict().items()}
+        optimizer = self.optimizer.state_dict()
+        for index, state in optimizer["state"].items():
+            tensors.update({f"optimizer.{index}.{key}": value.contiguous() for key, value in state.items()})
+        tensors["generator"] = self.generator.get_state()
+        target = os.path.join(self.directory, f"checkpoint-{step}")
+        with staged_folder(target, overwrite=True) as staging:
+            save_file(tensors, os.path.join(staging, "state.safetensors"))
+            write_json(os.path.join(staging, "state.json"), {
+                "step": step,
+                "history": history,
+                "param_groups": optimizer["param_groups"],
+                "schedule": self.schedule.state_dict(),
+                "rng": _jsonable(self.rng.getstate()),
+            })
+        for name in os.listdir(self.directory):
+            if name.startswith("checkpoint-") and name != os.path.basename(target):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def load(self) -> tuple[int, list]:
+        """Restores the latest checkpoint; returns `(step, history)` (`(0, [])` without one)."""
+        from safetensors.torch import load_file
+
+        folder = self.latest()
+        if folder is None:
+            return 0, []
+        tensors = load_file(os.path.join(folder, "state.safetensors"))
+        with open(os.path.join(folder, "state.json")) as handle:
+            meta = json.load(handle)
+        for name, module in self.modules.items():
+            prefix = f"module.{name}."
+            module.load_state_dict({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)})
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, field = key.split(".", 2)
+                state.setdefault(int(index), {})[field] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.schedule.load_state_dict(meta["schedule"])
+        self.generator.set_state(tensors["generator"])
+        self.rng.setstate(_tuples(meta["rng"]))
+        logger.info("Resumed %s at step %d.", self.directory, meta["step"])
+        return meta["step"], meta["history"]
+
+
+def _jsonable(value):
+    return [_jsonable(item) for item in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
+
+
+def run_loop(checkpoints: LoopCheckpoints, steps: int, step_fn, save_every: int, log_every: int = 25, name: str = "") -> list:
+    """Runs `step_fn(step) -> dict of floats` for steps `[resumed step, steps)`, logging every `log_every` and saving
+    a checkpoint every `save_every` steps and at the end; returns the log."""
+    start, history = checkpoints.load()
+    for step in range(start, steps):
+        logs = step_fn(step)
+        if step % log_every == 0 or step == steps - 1:
+            history.append({"step": step, **{key: round(float(value.detach() if hasattr(value, "detach") else value), 5) for key, value in logs.items()}})
+            print(f"{name} step {step}: {history[-1]}", flush=True)
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            checkpoints.save(step + 1, history)
+    return history
+
+
+def cosine_with_warmup(steps: int, warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------------------------------
@@ -162,8 +318,7 @@ def medpix_questions(row: dict) -> list[tuple[str, str]]:
 
 def training_text(data_dir: str) -> list[str]:
     """Every training-split text the model sees (and the prompt templates); no test/dev text."""
-    with open(os.path.join(data_dir, "vqa_rad", "trainset.json")) as handle:
-        vqa = json.load(handle)
+    vqa = vqa_rad_train(data_dir)
     texts = [row["question"] for row in vqa] + [str(row["answer"]) for row in vqa]
     for row in medpix_rows(data_dir, "train"):
         description = row.get("Description") or {}
@@ -171,7 +326,7 @@ def training_text(data_dir: str) -> list[str]:
         texts += [label_prompt(row)] + [f"{q} {a}" for q, a in medpix_questions(row)]
     for row in read_jsonl(os.path.join(data_dir, "medpix", "data_train.jsonl")):
         texts += [str(value) for key, value in row.items() if isinstance(value, str) and key not in ("U_id",)]
-    texts += [MODALITY_QUESTION, REGION_QUESTION, PLANE_QUESTION, SR_INSTRUCTION]
+    texts += [MODALITY_QUESTION, REGION_QUESTION, PLANE_QUESTION, SR_INSTRUCTION, REPORT_PROMPT]
     return [text for text in texts if text and text.strip()]
 
 
@@ -198,11 +353,6 @@ def train_tokenizer(data_dir: str, output_dir: str, vocab_size: int):
             show_progress=False,
         )
         tokenizer.train_from_iterator(training_text(data_dir), trainer=trainer)
-        os.makedirs(output_dir, exist_ok=True)
-        staging = output_dir + ".tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        tokenizer.save(os.path.join(staging, "tokenizer.json"))
         config = {
             "tokenizer_class": "Qwen2Tokenizer",
             "backend": "tokenizers",
@@ -216,10 +366,9 @@ def train_tokenizer(data_dir: str, output_dir: str, vocab_size: int):
             "model_max_length": TEXT_CONFIG["max_position_embeddings"],
             "add_prefix_space": None,
         }
-        with open(os.path.join(staging, "tokenizer_config.json"), "w") as handle:
-            json.dump(config, handle, indent=2)
-        shutil.rmtree(output_dir, ignore_errors=True)
-        os.replace(staging, output_dir)
+        with staged_folder(output_dir, overwrite=True) as staging:
+            tokenizer.save(os.path.join(staging, "tokenizer.json"))
+            write_json(os.path.join(staging, "tokenizer_config.json"), config, indent=2)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     for index, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.convert_tokens_to_ids(token) != index:
@@ -228,23 +377,8 @@ def train_tokenizer(data_dir: str, output_dir: str, vocab_size: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# VAE (stage 0)
+# Images
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def vae_config(scaling_factor: float = 1.0, shift_factor: float = 0.0) -> dict:
-    from modeling_unimedvl.configuration_unimedvl import FLUX_VAE_CONFIG
-
-    config = dict(FLUX_VAE_CONFIG)
-    config.update(
-        block_out_channels=list(VAE_BLOCK_OUT_CHANNELS),
-        layers_per_block=1,
-        norm_num_groups=VAE_NORM_GROUPS,
-        sample_size=IMAGE_SIZE,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-    )
-    return config
 
 
 def square_pixels(images, size: int = IMAGE_SIZE):
@@ -269,13 +403,31 @@ def load_square_images(paths: list[str], size: int = IMAGE_SIZE):
     return square_pixels(opened(), size)
 
 
-def vae_image_paths(data_dir: str, split: str) -> list[str]:
-    paths = [os.path.join(data_dir, "medpix", "images", f"{row['image']}.png") for row in medpix_rows(data_dir, split)]
-    if split == "train":
-        with open(os.path.join(data_dir, "vqa_rad", "trainset.json")) as handle:
-            names = sorted({row["image_name"] for row in json.load(handle)})
-        paths += [os.path.join(data_dir, "vqa_rad", "images", name) for name in names]
-    return paths
+def training_image_paths(data_dir: str) -> list[str]:
+    """MedPix train images and the VQA-RAD train images (held-out ones excluded)."""
+    paths = [os.path.join(data_dir, "medpix", "images", f"{row['image']}.png") for row in medpix_rows(data_dir, "train")]
+    names = sorted({row["image_name"] for row in vqa_rad_train(data_dir)})
+    return paths + [os.path.join(data_dir, "vqa_rad", "images", name) for name in names]
+
+
+def augmented_view(image: Image.Image, rng: random.Random) -> Image.Image:
+    """A random view of a grey medical image whose labels (modality, region, plane) it keeps: a crop of 70–100 % of
+    the area (aspect ×0.85–1.18), a horizontal flip half of the time, a rotation of up to ±10°, contrast ×0.6–1.4,
+    brightness ×0.8–1.2 and, a third of the time, a gamma of 0.7–1.4 (other windows of the same scan)."""
+    width, height = image.size
+    scale, aspect = rng.uniform(0.7, 1.0), rng.uniform(0.85, 1.18)
+    crop_w, crop_h = min(width, round(width * (scale * aspect) ** 0.5)), min(height, round(height * (scale / aspect) ** 0.5))
+    left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+    view = image.crop((left, top, left + crop_w, top + crop_h))
+    if rng.random() < 0.5:
+        view = ImageOps.mirror(view)
+    view = view.rotate(rng.uniform(-10, 10), resample=Image.BILINEAR)
+    view = ImageEnhance.Contrast(view).enhance(rng.uniform(0.6, 1.4))
+    view = ImageEnhance.Brightness(view).enhance(rng.uniform(0.8, 1.2))
+    if rng.random() < 1 / 3:
+        gamma = rng.uniform(0.7, 1.4)
+        view = view.point([round(255 * (value / 255) ** gamma) for value in range(256)] * (len(view.getbands())))
+    return view
 
 
 def psnr(a, b) -> float:
@@ -284,35 +436,52 @@ def psnr(a, b) -> float:
     return float((10 * (1.0 / mse).log10()).mean())
 
 
-def train_vae(
-    data_dir: str, output_dir: str, seed: int, steps: int, batch_size: int, learning_rate: float, kl_weight: float,
-    decoder_steps: int,
-) -> dict:
-    """Trains the small FLUX-layout VAE (`steps` on crops, then `decoder_steps` of decoder fine-tuning); saves it
-    (diffusers folder) with its latent statistics; returns the report."""
+# ----------------------------------------------------------------------------------------------------------------------
+# VAE (stage 0a)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def vae_config(scaling_factor: float = 1.0, shift_factor: float = 0.0) -> dict:
+    from modeling_unimedvl.configuration_unimedvl import FLUX_VAE_CONFIG
+
+    levels = len(VAE_GEOMETRY["block_out_channels"])
+    config = dict(FLUX_VAE_CONFIG)
+    config.update(
+        block_out_channels=list(VAE_GEOMETRY["block_out_channels"]),
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        latent_channels=VAE_GEOMETRY["latent_channels"],
+        layers_per_block=VAE_GEOMETRY["layers_per_block"],
+        norm_num_groups=VAE_GEOMETRY["norm_num_groups"],
+        sample_size=IMAGE_SIZE,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+    return config
+
+
+def train_vae(data_dir: str, output_dir: str, seed: int, steps: int, batch_size: int, learning_rate: float, kl_weight: float, save_every: int) -> dict:
+    """Trains the small FLUX-layout VAE for `steps` steps of the cosine schedule over `SCHEDULE_STEPS["vae"]`
+    (resumable); saves it (diffusers folder `OUTPUT/vae`) with its latent
+    statistics and returns the report (`OUTPUT/vae_report.json`)."""
     import torch
     from diffusers import AutoencoderKL
 
     report_path = os.path.join(output_dir, "vae_report.json")
     if os.path.isfile(report_path):
         with open(report_path) as handle:
-            report = json.load(handle)
-        if "decoder_finetune" not in report:
-            report = finetune_vae_decoder(data_dir, output_dir, report, seed, decoder_steps, batch_size, learning_rate / 2)
-        return report
+            return json.load(handle)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    train = load_square_images(vae_image_paths(data_dir, "train"))
-    dev = load_square_images(vae_image_paths(data_dir, "dev"))
+    train = load_square_images(training_image_paths(data_dir))
     vae = AutoencoderKL(**vae_config())
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0, betas=(0.9, 0.99))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(max(steps, SCHEDULE_STEPS["vae"]), 50))
     generator = torch.Generator().manual_seed(seed)
-    history = []
+    checkpoints = LoopCheckpoints(os.path.join(output_dir, "checkpoints"), {"vae": vae}, optimizer, schedule, generator, random.Random(seed))
     vae.train()
-    for step in range(steps):
+
+    def step_fn(step):
         index = torch.randint(0, train.shape[0], (batch_size,), generator=generator)
         batch = train[index]
         flip = torch.rand(batch_size, generator=generator) < 0.5
@@ -325,116 +494,47 @@ def train_vae(
         l1 = (reconstruction - batch).abs().mean()
         mse = ((reconstruction - batch) ** 2).mean()
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = l1 + mse + kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (l1 + mse + kl_weight * kl).backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if step % 25 == 0 or step == steps - 1:
-            history.append({"step": step, "l1": round(l1.item(), 4), "mse": round(mse.item(), 5), "kl": round(kl.item(), 3)})
-            logger.info("VAE step %d: %s", step, history[-1])
-            print(f"VAE step {step}: {history[-1]}", flush=True)
+        return {"l1": l1, "mse": mse, "kl": kl}
+
+    history = run_loop(checkpoints, steps, step_fn, save_every, name="VAE")
     vae.eval()
+    sample = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))[:VAE_STATISTICS_IMAGES]]
     with torch.no_grad():
-        latents = torch.cat([vae.encode(train[i : i + 128]).latent_dist.sample(generator) for i in range(0, train.shape[0], 128)])
-        shift = float(latents.mean())
-        scale = float(1.0 / latents.std())
-        recon = torch.cat([vae.decode(vae.encode(dev[i : i + 128]).latent_dist.mean).sample for i in range(0, dev.shape[0], 128)])
-        bicubic = torch.nn.functional.interpolate(
-            torch.nn.functional.interpolate(dev, scale_factor=0.125, mode="area"), scale_factor=8, mode="bicubic"
-        )
+        means = torch.cat([vae.encode(sample[i : i + 128]).latent_dist.mean for i in range(0, sample.shape[0], 128)])
+        reconstruction = torch.cat([vae.decode(means[i : i + 128]).sample for i in range(0, means.shape[0], 128)])
+        low = torch.nn.functional.interpolate(sample, scale_factor=0.5, mode="bicubic", antialias=True)
+        bicubic = torch.nn.functional.interpolate(low, scale_factor=2, mode="bicubic").clamp(-1, 1)
+    shift, scale = float(means.mean()), float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-    vae.save_pretrained(os.path.join(output_dir, "vae"))
+    with staged_folder(os.path.join(output_dir, "vae"), overwrite=True) as staging:
+        vae.save_pretrained(staging)
     report = {
         "steps": steps,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "kl_weight": kl_weight,
         "train_images": int(train.shape[0]),
-        "dev_images": int(dev.shape[0]),
         "resolution": IMAGE_SIZE,
         "train_crop": VAE_CROP,
-        "norm_num_groups": VAE_NORM_GROUPS,
-        "block_out_channels": list(VAE_BLOCK_OUT_CHANNELS),
+        **{key: list(value) if isinstance(value, tuple) else value for key, value in VAE_GEOMETRY.items()},
+        "downsampling": 2 ** (len(VAE_GEOMETRY["block_out_channels"]) - 1),
         "parameters": sum(p.numel() for p in vae.parameters()),
         "scaling_factor": scale,
         "shift_factor": shift,
-        "dev_psnr": round(psnr(recon, dev), 2),
-        "dev_psnr_8x_bicubic_baseline": round(psnr(bicubic, dev), 2),
+        "statistics_images": int(sample.shape[0]),
+        "train_psnr": round(psnr(reconstruction, sample), 2),
+        "train_psnr_2x_bicubic": round(psnr(bicubic, sample), 2),
         "first": history[0],
         "last": history[-1],
         "history": history,
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    with open(report_path, "w") as handle:
-        json.dump(report, handle, indent=1)
-    return finetune_vae_decoder(data_dir, output_dir, report, seed, decoder_steps, batch_size, learning_rate / 2)
-
-
-def finetune_vae_decoder(data_dir: str, output_dir: str, report: dict, seed: int, steps: int, batch_size: int, learning_rate: float) -> dict:
-    """Phase 2 of the VAE stage: the encoder is frozen (so latents and their statistics stay as they are) and the
-    decoder is fine-tuned on whole 64-px images decoded from posterior samples (L1 + MSE)."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    start = time.perf_counter()
-    vae_dir = os.path.join(output_dir, "vae")
-    vae = AutoencoderKL.from_pretrained(vae_dir)
-    train = load_square_images(vae_image_paths(data_dir, "train"))
-    dev = load_square_images(vae_image_paths(data_dir, "dev"))
-    vae.eval()
-    with torch.no_grad():
-        posteriors = [vae.encode(train[i : i + 128]).latent_dist for i in range(0, train.shape[0], 128)]
-        means = torch.cat([p.mean for p in posteriors])
-        stds = torch.cat([p.std for p in posteriors])
-        flipped = [vae.encode(train[i : i + 128].flip(-1)).latent_dist for i in range(0, train.shape[0], 128)]
-        means_f = torch.cat([p.mean for p in flipped])
-        stds_f = torch.cat([p.std for p in flipped])
-    decoder = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    for p in decoder:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(decoder, lr=learning_rate, weight_decay=0.0, betas=(0.9, 0.99))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-    )
-    generator = torch.Generator().manual_seed(seed + 1)
-    history = []
-    vae.decoder.train()
-    for step in range(steps):
-        index = torch.randint(0, train.shape[0], (batch_size,), generator=generator)
-        flip = (torch.rand(batch_size, generator=generator) < 0.5)[:, None, None, None]
-        target = torch.where(flip, train[index].flip(-1), train[index])
-        mean = torch.where(flip, means_f[index], means[index])
-        std = torch.where(flip, stds_f[index], stds[index])
-        latent = mean + std * torch.randn(mean.shape, generator=generator)
-        reconstruction = vae.decode(latent).sample
-        l1 = (reconstruction - target).abs().mean()
-        mse = ((reconstruction - target) ** 2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        (l1 + mse).backward()
-        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 25 == 0 or step == steps - 1:
-            history.append({"step": step, "l1": round(l1.item(), 4), "mse": round(mse.item(), 5)})
-            print(f"VAE decoder step {step}: {history[-1]}", flush=True)
-    vae.eval()
-    with torch.no_grad():
-        recon = torch.cat([vae.decode(vae.encode(dev[i : i + 128]).latent_dist.mean).sample for i in range(0, dev.shape[0], 128)])
-    vae.save_pretrained(vae_dir)
-    report = dict(report)
-    report["dev_psnr_phase1"] = report["dev_psnr"]
-    report["dev_psnr"] = round(psnr(recon, dev), 2)
-    report["decoder_finetune"] = {
-        "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "first": history[0], "last": history[-1],
-        "history": history, "wall_s": round(time.perf_counter() - start, 1),
-    }
-    report["wall_s"] = round(report["wall_s"] + report["decoder_finetune"]["wall_s"], 1)
-    with open(os.path.join(output_dir, "vae_report.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_json(report_path, report, indent=1)
     return report
 
 
@@ -443,21 +543,19 @@ def finetune_vae_decoder(data_dir: str, output_dir: str, report: dict, seed: int
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def build_initial_model(tokenizer, vae_dir: str, output_dir: str, seed: int) -> str:
-    """A random UniMedVL of the Tiny size with the trained VAE inside, saved in the converted layout."""
+def build_initial_model(tokenizer, output_dir: str, seed: int) -> str:
+    """A random UniMedVL of the Tiny size (its VAE too: `assemble_start_model` puts the trained one in), saved in the
+    converted layout with its processor and generation config."""
     import torch
-    from diffusers import AutoencoderKL
     from transformers import GenerationConfig, Qwen2Config, SiglipVisionConfig
 
     from modeling_unimedvl import UniMedVLConfig, UniMedVLForConditionalGeneration, UniMedVLImageProcessor, UniMedVLProcessor
 
     if os.path.isfile(os.path.join(output_dir, "config.json")):
         return output_dir
-    vae = AutoencoderKL.from_pretrained(vae_dir)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    vocab = len(tokenizer)
     text_config = Qwen2Config(
-        vocab_size=vocab,
+        vocab_size=len(tokenizer),
         tie_word_embeddings=False,
         bos_token_id=ids["<|im_start|>"],
         eos_token_id=ids["<|im_end|>"],
@@ -466,13 +564,12 @@ def build_initial_model(tokenizer, vae_dir: str, output_dir: str, seed: int) -> 
         **{k: v for k, v in TEXT_CONFIG.items() if k != "rope_theta"},
         rope_parameters={"rope_type": "default", "rope_theta": TEXT_CONFIG["rope_theta"]},
     )
-    vision_config = SiglipVisionConfig(**VISION_CONFIG, dtype=torch.float32)
     config = UniMedVLConfig(
         text_config=text_config,
-        vision_config=vision_config,
-        vae_config=vae_config(vae.config.scaling_factor, vae.config.shift_factor),
-        max_latent_size=IMAGE_SIZE // 16,
-        vit_max_num_patch_per_side=VISION_CONFIG["image_size"] // VISION_CONFIG["patch_size"],
+        vision_config=SiglipVisionConfig(**VISION_CONFIG, dtype=torch.float32),
+        vae_config=vae_config(),
+        max_latent_size=IMAGE_SIZE // (2 ** (len(VAE_GEOMETRY["block_out_channels"]) - 1) * 2),
+        vit_max_num_patch_per_side=UNDERSTANDING_SIDE // VIT_PATCH,
         bos_token_id=ids["<|im_start|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
@@ -485,27 +582,136 @@ def build_initial_model(tokenizer, vae_dir: str, output_dir: str, seed: int) -> 
     config.architectures = ["UniMedVLForConditionalGeneration"]
     torch.manual_seed(seed)
     model = UniMedVLForConditionalGeneration(config)
-    missing, unexpected = model.model.vae.load_state_dict(vae.state_dict(), strict=True), None
-    del missing, unexpected
-    staging = output_dir + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        do_sample=False,
-        max_new_tokens=32,
-    ).save_pretrained(staging)
     image_processor = UniMedVLImageProcessor(
         understanding_transform=tuple(IMAGE_TRANSFORMS["understanding"]),
         generation_vit_transform=tuple(IMAGE_TRANSFORMS["generation_vit"]),
         generation_vae_transform=tuple(IMAGE_TRANSFORMS["generation_vae"]),
+        patch_size=VIT_PATCH,
     )
-    UniMedVLProcessor(image_processor, tokenizer, latent_downsample=config.latent_downsample).save_pretrained(staging)
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(staging, output_dir)
+    with staged_folder(output_dir, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+            do_sample=False, max_new_tokens=32,
+        ).save_pretrained(staging)
+        UniMedVLProcessor(image_processor, tokenizer, latent_downsample=config.latent_downsample).save_pretrained(staging)
     return output_dir
+
+
+def assemble_start_model(vision_model_dir: str, vae_dir: str, output_dir: str) -> str:
+    """The curriculum's starting model: the model with the pretrained vision encoder and, inside it, the trained VAE
+    with its `scaling_factor` / `shift_factor` (the VAE and vision steps are independent of each other)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor
+
+    if os.path.isfile(os.path.join(output_dir, "config.json")):
+        return output_dir
+    model = UniMedVLForConditionalGeneration.from_pretrained(vision_model_dir, dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    model.model.vae.load_state_dict(vae.state_dict(), strict=True)
+    model.config.vae_config = vae_config(vae.config.scaling_factor, vae.config.shift_factor)
+    model.model.vae.register_to_config(scaling_factor=vae.config.scaling_factor, shift_factor=vae.config.shift_factor)
+    with staged_folder(output_dir, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        UniMedVLProcessor.from_pretrained(vision_model_dir).save_pretrained(staging)
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Vision encoder (stage 0b)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def vision_labels(data_dir: str) -> list[tuple[str, tuple[int, int, int]]]:
+    """`(image path, (modality, region, plane))` of every training image; -1 where the data has no such label."""
+    items = []
+    for row in medpix_rows(data_dir, "train"):
+        plane = norm_plane(row)
+        items.append((
+            os.path.join(data_dir, "medpix", "images", f"{row['image']}.png"),
+            (
+                MODALITY_NAMES.index(row["Type"]),
+                REGION_NAMES.index(norm_region(row)) if row.get("Location Category") in REGIONS else -1,
+                PLANE_NAMES.index(plane) if plane in PLANE_NAMES else -1,
+            ),
+        ))
+    organs = {}
+    for row in vqa_rad_train(data_dir):
+        if row.get("image_organ") in VQA_RAD_ORGANS:
+            organs[row["image_name"]] = REGION_NAMES.index(VQA_RAD_ORGANS[row["image_organ"]])
+    items += [(os.path.join(data_dir, "vqa_rad", "images", name), (-1, region, -1)) for name, region in sorted(organs.items())]
+    return items
+
+
+def pretrain_vision(data_dir: str, model_dir: str, output_dir: str, seed: int, steps: int, batch_size: int, learning_rate: float, save_every: int) -> dict:
+    """Pretrains the model's SigLIP NaViT, connector and ViT position table on the training labels for `steps` steps
+    of the cosine schedule over `SCHEDULE_STEPS["vision"]` (resumable);
+    writes the whole model with those weights to `OUTPUT/model` and returns the report (`OUTPUT/vision_report.json`)."""
+    import torch
+    from torch import nn
+
+    from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor
+
+    report_path = os.path.join(output_dir, "vision_report.json")
+    if os.path.isfile(report_path):
+        with open(report_path) as handle:
+            return json.load(handle)
+    start = time.perf_counter()
+    model = UniMedVLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    processor = UniMedVLProcessor.from_pretrained(model_dir)
+    image_processor = processor.image_processor
+    items = vision_labels(data_dir)
+    images = []
+    for path, _ in items:
+        with Image.open(path) as image:
+            images.append(image.convert("L"))
+    labels = torch.tensor([label for _, label in items])
+    torch.manual_seed(seed)
+    encoder = model.model
+    trained = nn.ModuleDict({"vision_tower": encoder.vision_tower, "connector": encoder.connector, "vit_pos_embed": encoder.vit_pos_embed})
+    hidden = model.config.text_config.hidden_size
+    heads = nn.ModuleList([nn.Linear(hidden, len(MODALITY_NAMES)), nn.Linear(hidden, len(REGION_NAMES)), nn.Linear(hidden, len(PLANE_NAMES))])
+    parameters = list(trained.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.05, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(max(steps, SCHEDULE_STEPS["vision"]), 100))
+    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    checkpoints = LoopCheckpoints(os.path.join(output_dir, "checkpoints"), {"encoder": trained, "heads": heads}, optimizer, schedule, generator, rng)
+    transform = image_processor.understanding_transform
+    trained.train()
+
+    def step_fn(step):
+        index = torch.randint(0, len(images), (batch_size,), generator=generator).tolist()
+        patches, grids = [], []
+        for i in index:
+            view = image_processor.resize(augmented_view(images[i], rng).convert("RGB"), transform)
+            view_patches, grid = image_processor.patchify(image_processor.to_tensor(view))
+            patches.append(view_patches)
+            grids.append(grid)
+        grid_hw = torch.tensor(grids)
+        features = encoder.get_image_features(torch.cat(patches), grid_hw)
+        pooled = torch.stack([f.mean(0) for f in features.split((grid_hw[:, 0] * grid_hw[:, 1]).tolist())])
+        target = labels[index]
+        losses = [nn.functional.cross_entropy(head(pooled), target[:, k], ignore_index=-1) for k, head in enumerate(heads) if (target[:, k] >= 0).any()]
+        loss = sum(losses)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        return {"loss": loss}
+
+    history = run_loop(checkpoints, steps, step_fn, save_every, name="vision")
+    with staged_folder(os.path.join(output_dir, "model"), overwrite=True) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    report = {
+        "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "images": len(images),
+        "first": history[0], "last": history[-1], "history": history, "wall_s": round(time.perf_counter() - start, 1),
+    }
+    write_json(report_path, report, indent=1)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -513,105 +719,92 @@ def build_initial_model(tokenizer, vae_dir: str, output_dir: str, seed: int) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _resized_copy(source: str, target: str, long_side: int) -> str:
-    if not os.path.isfile(target):
-        with Image.open(source) as image:
-            image = image.convert("RGB")
-            scale = min(1.0, long_side / max(image.size))
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image.resize(size, Image.BICUBIC).save(target)
-    return target
-
-
-def augmented_copies(source: str, out_dir: str, name: str, count: int, seed: int) -> list[str]:
-    """`count` views of one training image for the understanding questions, ≤ 112 px: the whole image, then random
-    crops (80–100 % of each side) with random horizontal flips (labels — modality, region, plane — are invariant)."""
+def saved_views(source: str, out_dir: str, name: str, count: int, seed: int) -> list[str]:
+    """`count` views of one training image (≤ the understanding size) written once to `out_dir`: the whole image,
+    then `augmented_view`s."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, f"{name}_v{index}.png") for index in range(count)]
     if all(os.path.isfile(path) for path in paths):
         return paths
     rng = random.Random(f"{seed}:{name}")
-    long_side = IMAGE_TRANSFORMS["understanding"][0]
     with Image.open(source) as image:
-        image = image.convert("RGB")
+        image = image.convert("L")
         for index, path in enumerate(paths):
-            view = image
-            if index > 0:
-                width, height = (round(side * rng.uniform(0.8, 1.0)) for side in image.size)
-                left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
-                view = image.crop((left, top, left + width, top + height))
-                if rng.random() < 0.5:
-                    view = view.transpose(Image.FLIP_LEFT_RIGHT)
-            scale = min(1.0, long_side / max(view.size))
-            view.resize((max(1, round(view.width * scale)), max(1, round(view.height * scale))), Image.BICUBIC).save(path)
+            view = image if index == 0 else augmented_view(image, rng)
+            scale = min(1.0, UNDERSTANDING_SIDE / max(view.size))
+            view = view.resize((max(1, round(view.width * scale)), max(1, round(view.height * scale))), Image.BICUBIC)
+            view.save(path)
     return paths
 
 
-def build_data(data_dir: str, out_dir: str, num_sr: int, seed: int, num_views: int = 1) -> dict:
+def conversation(image: str, pairs: list[tuple[str, str]]) -> dict:
+    """An understanding row: the image, then `(question, answer)` turns."""
+    messages = []
+    for turn, (question, answer) in enumerate(pairs):
+        messages += [{"from": "human", "value": f"<image>\n{question}" if turn == 0 else question}, {"from": "gpt", "value": answer}]
+    return {"main_task_type": "understanding", "sub_task_type": "vqa", "input_img": [{"path": image}], "output_img": [], "message": messages}
+
+
+def build_data(data_dir: str, out_dir: str, seed: int, num_views: int = DEFAULTS["num_views"], vqa_rounds: int = DEFAULTS["vqa_rounds"], questions_per_turn: int = DEFAULTS["questions_per_turn"], num_sr: int | None = None) -> dict:
     """Writes the JSONL files of the three data groups (training splits only); returns the `data:` config.
 
-    Understanding: VQA-RAD train questions, a region question per VQA-RAD train image (its organ label) and the
-    MedPix train modality / region / plane questions on `num_views` views of each image (`augmented_copies`)."""
+    Understanding: VQA-RAD train questions grouped by image into conversations of `questions_per_turn` questions
+    (`vqa_rounds` different random groupings), a region question per VQA-RAD train image (its organ label), one
+    conversation with the MedPix modality / region / plane questions (random order) per view of each MedPix train
+    image (`num_views` views, `saved_views`), and the MedPix caption as the answer to the report prompt.
+    Text-to-image: each MedPix train image from its label prompt and from its caption. Image-to-image: 2×
+    super-resolution pairs of the MedPix train images (`num_sr`, default all)."""
     data_dir, out_dir = os.path.abspath(data_dir), os.path.abspath(out_dir)  # image paths in the JSONL are absolute
-    os.makedirs(os.path.join(out_dir, "sr"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "vqa_rad_images"), exist_ok=True)
-    with open(os.path.join(data_dir, "vqa_rad", "trainset.json")) as handle:
-        vqa = json.load(handle)
-    understanding = []
-    organ_images = {}
-    for row in vqa:
-        image = _resized_copy(
-            os.path.join(data_dir, "vqa_rad", "images", row["image_name"]),
-            os.path.join(out_dir, "vqa_rad_images", os.path.splitext(row["image_name"])[0] + ".png"),
-            128,
-        )
-        understanding.append(_und_row(image, row["question"], str(row["answer"])))
-        if row.get("image_organ") in VQA_RAD_ORGANS:
-            organ_images[image] = VQA_RAD_ORGANS[row["image_organ"]]
-    understanding += [_und_row(image, REGION_QUESTION, region) for image, region in sorted(organ_images.items())]
+    rng = random.Random(seed)
     medpix = medpix_rows(data_dir, "train")
     medpix_images = os.path.join(data_dir, "medpix", "images")
+    understanding = []
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    organ_of = {}
+    for row in vqa_rad_train(data_dir):
+        by_image.setdefault(row["image_name"], []).append((row["question"], str(row["answer"]).strip()))
+        if row.get("image_organ") in VQA_RAD_ORGANS:
+            organ_of[row["image_name"]] = VQA_RAD_ORGANS[row["image_organ"]]
+    for name in sorted(by_image):
+        view = saved_views(os.path.join(data_dir, "vqa_rad", "images", name), os.path.join(out_dir, "vqa_rad_views"), os.path.splitext(name)[0], 1, seed)[0]
+        for _ in range(vqa_rounds):
+            pairs = list(by_image[name])
+            rng.shuffle(pairs)
+            understanding += [conversation(view, pairs[i : i + questions_per_turn]) for i in range(0, len(pairs), questions_per_turn)]
+        if name in organ_of:
+            understanding.append(conversation(view, [(REGION_QUESTION, organ_of[name])]))
     for row in medpix:
-        source = os.path.join(medpix_images, f"{row['image']}.png")
-        for image in augmented_copies(source, os.path.join(out_dir, "medpix_und"), row["image"], num_views, seed):
-            understanding += [_und_row(image, question, answer) for question, answer in medpix_questions(row)]
+        views = saved_views(os.path.join(medpix_images, f"{row['image']}.png"), os.path.join(out_dir, "medpix_views"), row["image"], num_views, seed)
+        for view in views:
+            pairs = medpix_questions(row)
+            rng.shuffle(pairs)
+            understanding.append(conversation(view, pairs))
+        caption = ((row.get("Description") or {}).get("Caption") or "").strip()
+        if caption:
+            understanding.append(conversation(views[0], [(REPORT_PROMPT, caption)]))
     t2i = []
     for row in medpix:
         t2i.append(_t2i_row(f"{row['image']}.png", label_prompt(row)))
-        caption = (row.get("Description") or {}).get("Caption")
+        caption = ((row.get("Description") or {}).get("Caption") or "").strip()
         if caption:
             t2i.append(_t2i_row(f"{row['image']}.png", caption))
-    rng = random.Random(seed)
-    chosen = rng.sample(medpix, min(num_sr, len(medpix)))
+    chosen = medpix if num_sr is None else random.Random(seed).sample(medpix, min(num_sr, len(medpix)))
+    os.makedirs(os.path.join(out_dir, "sr"), exist_ok=True)
     sr = []
     for row in chosen:
-        low, high = sr_pair(
-            os.path.join(medpix_images, f"{row['image']}.png"), os.path.join(out_dir, "sr"), row["image"], SR_TRANSFORM
-        )
-        sr.append(
-            {
-                "main_task_type": "image_editing",
-                "sub_task_type": "super_resolution",
-                "input_img": [{"path": low}],
-                "output_img": [{"path": high}],
-                # no reply text before the target: the sequence is then exactly the image-to-image inference context
-                "message": [{"from": "human", "value": f"<image>\n{SR_INSTRUCTION}"}],
-            }
-        )
+        low, high = sr_pair(os.path.join(medpix_images, f"{row['image']}.png"), os.path.join(out_dir, "sr"), row["image"], SR_TRANSFORM)
+        sr.append({
+            "main_task_type": "image_editing",
+            "sub_task_type": "super_resolution",
+            "input_img": [{"path": low}],
+            "output_img": [{"path": high}],
+            # no reply text before the target: the sequence is then exactly the image-to-image inference context
+            "message": [{"from": "human", "value": f"<image>\n{SR_INSTRUCTION}"}],
+        })
     return {
         "understanding": [{"jsonl": write_jsonl(os.path.join(out_dir, "understanding.jsonl"), understanding), "image_dir": out_dir}],
         "text_to_image": [{"jsonl": write_jsonl(os.path.join(out_dir, "t2i.jsonl"), t2i), "image_dir": medpix_images}],
         "interleaved": [{"jsonl": write_jsonl(os.path.join(out_dir, "sr.jsonl"), sr), "task": "image_to_image"}],
-    }
-
-
-def _und_row(image: str, question: str, answer: str) -> dict:
-    return {
-        "main_task_type": "understanding",
-        "sub_task_type": "vqa",
-        "input_img": [{"path": image}],
-        "output_img": [],
-        "message": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
     }
 
 
@@ -625,191 +818,131 @@ def _t2i_row(image_name: str, prompt: str) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Final folder
-# ----------------------------------------------------------------------------------------------------------------------
-
-SHIPPED_SUFFIXES = (".json", ".safetensors", ".py", ".jinja", ".txt")
-NOT_SHIPPED = ("ema.safetensors", "training_summary.json")
-
-
-def write_final(stage_final: str, output_dir: str, use_ema: bool, vae_dir: str) -> str:
-    """Copies the last stage's model into `output_dir` (EMA weights if `use_ema`), without training leftovers.
-
-    The VAE is frozen in every curriculum stage, so its weights are the stage-0 VAE's; they are written from `vae_dir`
-    (the saved stage-0 VAE) so that the final folder always holds exactly that VAE.
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    staging = output_dir + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    for name in sorted(os.listdir(stage_final)):
-        if name.endswith(SHIPPED_SUFFIXES) and name not in NOT_SHIPPED:
-            shutil.copy2(os.path.join(stage_final, name), os.path.join(staging, name))
-    weights = load_file(os.path.join(stage_final, "model.safetensors"))
-    if use_ema:
-        ema = load_file(os.path.join(stage_final, "ema.safetensors"))
-        weights.update({key: value for key, value in ema.items() if key in weights})
-    vae = load_file(os.path.join(vae_dir, "diffusion_pytorch_model.safetensors"))
-    for key, value in vae.items():
-        if f"model.vae.{key}" not in weights or weights[f"model.vae.{key}"].shape != value.shape:
-            raise RuntimeError(f"The stage-0 VAE in {vae_dir} does not match the model (model.vae.{key}).")
-        weights[f"model.vae.{key}"] = value
-    save_file({k: v.to(torch.float32).contiguous() for k, v in weights.items()}, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(staging, output_dir)
-    return output_dir
-
-
-def ship_default_model(final_dir: str, target_dir: str) -> str:
-    """Installs the final folder as the package's default model (`modeling_unimedvl/unimedvl_tiny/`).
-
-    The package registers the UniMedVL classes itself, so the shipped copy holds no model code and no `auto_map`
-    (the code files would be stale copies of the package's own modules); `final_dir` keeps both for the Hub.
-    """
-    staging = target_dir.rstrip(os.sep) + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    for name in sorted(os.listdir(final_dir)):
-        if not name.endswith(SHIPPED_SUFFIXES) or name.endswith(".py"):
-            continue
-        if name.endswith(".json"):
-            with open(os.path.join(final_dir, name)) as handle:
-                content = json.load(handle)
-            content = _without_auto_map(content)
-            with open(os.path.join(staging, name), "w") as handle:
-                json.dump(content, handle, indent=2, sort_keys=True)
-                handle.write("\n")
-        else:
-            shutil.copy2(os.path.join(final_dir, name), os.path.join(staging, name))
-    shutil.rmtree(target_dir, ignore_errors=True)
-    os.replace(staging, target_dir)
-    return target_dir
-
-
-def _without_auto_map(content):
-    """A JSON value with every `auto_map` entry removed, at any depth (processor configs nest them)."""
-    if isinstance(content, dict):
-        return {key: _without_auto_map(value) for key, value in content.items() if key != "auto_map"}
-    return content
-
-
-def main(argv=None) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=os.environ.get("UNIMEDVL_DATA_DIR", "../shared/data"))
-    parser.add_argument("--output", default="outputs/unimedvl_tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"])
-    parser.add_argument("--vae-steps", type=int, default=DEFAULTS["vae_steps"])
-    parser.add_argument("--vae-decoder-steps", type=int, default=DEFAULTS["vae_decoder_steps"])
-    parser.add_argument("--stage-steps", type=int, nargs=3, default=list(DEFAULTS["stage_steps"]), metavar=("S1", "S2", "S3"))
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
-    parser.add_argument("--num-sr", type=int, default=DEFAULTS["num_sr"])
-    parser.add_argument("--num-views", type=int, default=DEFAULTS["num_views"], help="views per MedPix image for the understanding questions")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--ema", action="store_true", help="ship the EMA weights of stage 3 instead of the last weights")
-    parser.add_argument("--machine", default="2-core CPU dev box (shared)", help="machine description for the summary")
-    parser.add_argument("--stop-after", choices=("tokenizer", "vae", "model", "data"), default=None)
-    parser.add_argument("--ship", action="store_true", help="install the result as the package's default model")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    output = os.path.abspath(args.output)
-    os.makedirs(output, exist_ok=True)
-    timings_path = os.path.join(output, "timings.json")
-    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
-
-    def timed(name, function, *f_args, **f_kwargs):
-        start = time.perf_counter()
-        result = function(*f_args, **f_kwargs)
-        if name not in timings:
-            timings[name] = round(time.perf_counter() - start, 1)
-            with open(timings_path, "w") as handle:
-                json.dump(timings, handle, indent=1)
-        return result
-
-    tokenizer = timed("tokenizer_s", train_tokenizer, args.data, os.path.join(output, "tokenizer"), args.vocab_size)
-    print(f"tokenizer: {len(tokenizer)} tokens", flush=True)
-    if args.stop_after == "tokenizer":
-        return {}
-    vae_report = timed(
-        "vae_s", train_vae, args.data, os.path.join(output, "vae_stage"), args.seed, args.vae_steps,
-        DEFAULTS["vae_batch_size"], DEFAULTS["vae_learning_rate"], DEFAULTS["vae_kl_weight"], args.vae_decoder_steps,
-    )
-    print(f"VAE: dev PSNR {vae_report['dev_psnr']} dB (bicubic from 8x-downsampled: {vae_report['dev_psnr_8x_bicubic_baseline']} dB)", flush=True)
-    if args.stop_after == "vae":
-        return {}
-    model_dir = build_initial_model(tokenizer, os.path.join(output, "vae_stage", "vae"), os.path.join(output, "model_init"), args.seed)
-    if args.stop_after == "model":
-        return {}
-    data = timed("data_s", build_data, args.data, os.path.join(output, "data"), args.num_sr, args.seed, args.num_views)
-    if args.stop_after == "data":
-        return {}
-    steps = args.stage_steps
-    user_config = {
+def curriculum_config(data: dict, stage_steps, batch_size: int, learning_rate: float, seed: int) -> dict:
+    """The user config of the three stages: the data, the Tiny resolutions, and per-stage overrides of the shipped
+    stage configs (steps, LR, batch; the pretrained ViT stays frozen as in the original, the VAE too)."""
+    return {
         "data": data,
         "image_transforms": IMAGE_TRANSFORMS,
         "max_tokens_per_sample": 512,
-        "freeze": {"vit": False, "vae": True, "und": False, "gen": False},
+        "freeze": {"vit": True, "vae": True, "und": False, "gen": False},
         "training": {
-            "learning_rate": args.learning_rate,
-            "warmup_steps": 20,
-            "per_device_train_batch_size": args.batch_size,
+            "learning_rate": learning_rate,
+            "warmup_steps": 50,
+            "per_device_train_batch_size": batch_size,
             "save_steps": 100,
             "save_total_limit": 1,
             "logging_steps": 10,
             "ema_decay": 0.99,
             "disable_tqdm": True,
-            "seed": args.seed,
-            "data_seed": args.seed,
+            "seed": seed,
+            "data_seed": seed,
             "dataloader_num_workers": 0,
         },
         "stages": {
-            1: {"training": {"max_steps": steps[0]}},
-            2: {"training": {"max_steps": steps[1]}},
-            3: {"training": {"max_steps": steps[2], "lr_scheduler_type": "cosine"}},
+            1: {"training": {"max_steps": stage_steps[0]}},
+            2: {"training": {"max_steps": stage_steps[1]}},
+            3: {"training": {"max_steps": stage_steps[2], "lr_scheduler_type": "cosine"}},
         },
     }
-    from .curriculum import run_curriculum
 
-    finals = []
-    for stage in (1, 2, 3):
-        previous = model_dir if stage == 1 else finals[-1]
-        finals += timed(f"stage{stage}_s", run_curriculum, [stage], _stage_only(user_config, stage), previous, output, use_cpu=True)
-    final = write_final(finals[-1], os.path.join(output, "final"), args.ema, os.path.join(output, "vae_stage", "vae"))
-    summary = {
-        "command": "python -m unimedvl_training.build_unimedvl_tiny " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "seed": args.seed,
-        "timings_s": timings,
-        "vae": {k: v for k, v in vae_report.items() if k != "history"},
-        "stages": [summarize(f"stage{i + 1}", f) for i, f in enumerate(finals)],
-        "final": final,
-        "use_ema": args.ema,
-        "torch_threads": torch.get_num_threads(),
-        "machine": args.machine,
-        "vocab_size": len(tokenizer),
-        "stage_steps": list(steps),
-        "num_views": args.num_views,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        **_size_report(final),
-    }
-    if args.ship:
-        from modeling_unimedvl.default_model import DEFAULT_MODEL_DIR
 
-        summary["shipped"] = ship_default_model(final, DEFAULT_MODEL_DIR)
-    with open(os.path.join(output, "build_summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=1)
-    print(json.dumps(summary, indent=1))
-    return summary
+# ----------------------------------------------------------------------------------------------------------------------
+# Final folder and the shipped copy
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_final(stage_final: str, output_dir: str, vae_dir: str, use_ema: bool = False) -> str:
+    """Saves the last stage's model (EMA weights if `use_ema`) with `save_pretrained` into `output_dir`: config with
+    `auto_map`, float32 `model.safetensors`, processor, tokenizer, generation config and the model code files.
+
+    The VAE is frozen in every curriculum stage, so its weights are the stage-0 VAE's; they are set from `vae_dir`
+    so that the final folder always holds exactly that VAE.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor
+
+    model = UniMedVLForConditionalGeneration.from_pretrained(stage_final, dtype=torch.float32)
+    if use_ema:
+        ema = load_file(os.path.join(stage_final, "ema.safetensors"))
+        state = model.state_dict()
+        model.load_state_dict({key: ema.get(key, value) for key, value in state.items()})
+    model.model.vae.load_state_dict(AutoencoderKL.from_pretrained(vae_dir).state_dict(), strict=True)
+    processor = UniMedVLProcessor.from_pretrained(stage_final)
+    _restore_special_token_ids(model, processor.tokenizer)
+    with staged_folder(output_dir, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+    return output_dir
+
+
+def _restore_special_token_ids(model, tokenizer) -> None:
+    """Sets the model's and its generation config's start / end / pad ids back to `<|im_start|>` / `<|im_end|>` /
+    `<|endoftext|>`: the trainer aligns them with the tokenizer's `eos_token` (`<|endoftext|>`), which would make
+    decoding run past `<|im_end|>`."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (("bos", "<|im_start|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>"))}
+    for config in (model.config, model.config.text_config, model.generation_config):
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = ids["bos"], ids["eos"], ids["pad"]
+
+
+CODE_SUFFIX = ".py"
+
+
+def code_files(folder: str) -> list[str]:
+    """Names of the model code files in a saved folder."""
+    return sorted(name for name in os.listdir(folder) if name.endswith(CODE_SUFFIX))
+
+
+def current_code() -> dict[str, bytes]:
+    """`{file name: content}` of the code files `save_pretrained` copies into a UniMedVL folder: the modules of the
+    config, model, processor and image processor classes with everything they import relatively (transformers'
+    `get_relative_import_files`, the rule `save_pretrained` itself follows), read from the installed package."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    import modeling_unimedvl
+
+    files = set()
+    for cls in (modeling_unimedvl.UniMedVLConfig, modeling_unimedvl.UniMedVLForConditionalGeneration,
+                modeling_unimedvl.UniMedVLProcessor, modeling_unimedvl.UniMedVLImageProcessor):
+        module_file = sys.modules[cls.__module__].__file__
+        files |= {module_file, *get_relative_import_files(module_file)}
+    return {os.path.basename(path): open(path, "rb").read() for path in sorted(files)}
+
+
+def refresh_code_files(folder: str) -> list[str]:
+    """Makes the code files of a saved UniMedVL folder (e.g. the shipped UniMedVL-Tiny) equal to the installed
+    package's current sources: writes every file `current_code` gives and removes code files it no longer needs.
+    Weights, config and tokenizer are left as they are. Returns the names of the files that changed."""
+    from modeling_unimedvl.atomic_files import write_text
+
+    wanted = current_code()
+    changed = []
+    for name in code_files(folder):
+        if name not in wanted:
+            os.remove(os.path.join(folder, name))
+            changed.append(name)
+    for name, content in wanted.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or open(path, "rb").read() != content:
+            write_text(path, content.decode("utf-8"))
+            changed.append(name)
+    return sorted(changed)
+
+
+def ship_default_model(final_dir: str, target_dir: str) -> str:
+    """Installs the final folder (weights, config with `auto_map`, tokenizer, processor, code files) as the package's
+    default model (`modeling_unimedvl/unimedvl_tiny/`), replacing the previous one atomically; the code files are
+    then refreshed from the package's current sources."""
+    with staged_folder(target_dir, overwrite=True) as staging:
+        for name in sorted(os.listdir(final_dir)):
+            if os.path.isfile(os.path.join(final_dir, name)) and not name.startswith("."):
+                shutil.copyfile(os.path.join(final_dir, name), os.path.join(staging, name))
+                os.chmod(os.path.join(staging, name), 0o644)  # package data: readable by everyone
+    refresh_code_files(target_dir)
+    return target_dir
 
 
 def _size_report(folder: str) -> dict:
@@ -832,6 +965,128 @@ def _size_report(folder: str) -> dict:
 def _stage_only(user_config: dict, stage: int) -> dict:
     """The user config with the per-stage override of `stage` only (stage configs merge it under `stages`)."""
     return dict(user_config, stages={stage: user_config["stages"][stage]})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=os.environ.get("UNIMEDVL_DATA_DIR", "../shared/data"))
+    parser.add_argument("--output", default="outputs/unimedvl_tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"])
+    parser.add_argument("--vae-steps", type=int, default=DEFAULTS["vae_steps"])
+    parser.add_argument("--vision-steps", type=int, default=DEFAULTS["vision_steps"])
+    parser.add_argument("--stage-steps", type=int, nargs=3, default=list(DEFAULTS["stage_steps"]), metavar=("S1", "S2", "S3"))
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
+    parser.add_argument("--num-views", type=int, default=DEFAULTS["num_views"], help="views per MedPix image for the understanding questions")
+    parser.add_argument("--num-sr", type=int, default=None, help="super-resolution pairs (default: every MedPix train image)")
+    parser.add_argument("--save-every", type=int, default=DEFAULTS["save_every"], help="checkpoint interval of the VAE and vision steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (fix it for bit-for-bit reproducibility)")
+    parser.add_argument("--ema", action="store_true", help="ship the EMA weights of stage 3 instead of the last weights")
+    parser.add_argument("--machine", default="2-core CPU dev box (shared)", help="machine description for the summary")
+    parser.add_argument("--stop-after", choices=("tokenizer", "model", "vision", "vae", "data"), default=None)
+    parser.add_argument("--ship", action="store_true", help="install the result as the package's default model")
+    parser.add_argument("--refresh-code", metavar="FOLDER", nargs="?", const="", default=None,
+                        help="only refresh the code files of FOLDER (default: the shipped UniMedVL-Tiny) from the package")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.refresh_code is not None:
+        from modeling_unimedvl.default_model import DEFAULT_MODEL_DIR
+
+        folder = args.refresh_code or DEFAULT_MODEL_DIR
+        changed = refresh_code_files(folder)
+        print(f"{folder}: {', '.join(changed) if changed else 'code files already current'}")
+        return {"refreshed": changed}
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output = os.path.abspath(args.output)
+    os.makedirs(output, exist_ok=True)
+    timings_path = os.path.join(output, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
+
+    def timed(name, function, *f_args, **f_kwargs):
+        start = time.perf_counter()
+        result = function(*f_args, **f_kwargs)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)
+        write_json(timings_path, timings, indent=1)
+        return result
+
+    tokenizer = timed("tokenizer_s", train_tokenizer, args.data, os.path.join(output, "tokenizer"), args.vocab_size)
+    print(f"tokenizer: {len(tokenizer)} tokens", flush=True)
+    if args.stop_after == "tokenizer":
+        return {}
+    model_dir = build_initial_model(tokenizer, os.path.join(output, "model_init"), args.seed)
+    if args.stop_after == "model":
+        return {}
+    vision_report = timed(
+        "vision_s", pretrain_vision, args.data, model_dir, os.path.join(output, "vision_stage"), args.seed, args.vision_steps,
+        DEFAULTS["vision_batch_size"], DEFAULTS["vision_learning_rate"], args.save_every,
+    )
+    if args.stop_after == "vision":
+        return {}
+    vae_report = timed(
+        "vae_s", train_vae, args.data, os.path.join(output, "vae_stage"), args.seed, args.vae_steps,
+        DEFAULTS["vae_batch_size"], DEFAULTS["vae_learning_rate"], DEFAULTS["vae_kl_weight"], args.save_every,
+    )
+    print(f"VAE: train PSNR {vae_report['train_psnr']} dB (2x bicubic: {vae_report['train_psnr_2x_bicubic']} dB)", flush=True)
+    if args.stop_after == "vae":
+        return {}
+    start_dir = assemble_start_model(os.path.join(output, "vision_stage", "model"), os.path.join(output, "vae_stage", "vae"), os.path.join(output, "model_start"))
+    data = timed("data_s", build_data, args.data, os.path.join(output, "data"), args.seed, args.num_views, num_sr=args.num_sr)
+    if args.stop_after == "data":
+        return {}
+    from .curriculum import run_curriculum
+
+    user_config = curriculum_config(data, args.stage_steps, args.batch_size, args.learning_rate, args.seed)
+    finals = []
+    for stage in (1, 2, 3):
+        previous = start_dir if stage == 1 else finals[-1]
+        finals += timed(f"stage{stage}_s", run_curriculum, [stage], _stage_only(user_config, stage), previous, output, use_cpu=True)
+    final = os.path.join(output, "final")
+    if not os.path.isfile(os.path.join(final, "model.safetensors")):
+        write_final(finals[-1], final, os.path.join(output, "vae_stage", "vae"), args.ema)
+    summary = {
+        "command": "python -m unimedvl_training.build_unimedvl_tiny " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seed": args.seed,
+        "timings_s": timings,
+        "vae": {k: v for k, v in vae_report.items() if k != "history"},
+        "vision": {k: v for k, v in vision_report.items() if k != "history"},
+        "stages": [summarize(f"stage{i + 1}", f) for i, f in enumerate(finals)],
+        "final": final,
+        "use_ema": args.ema,
+        "torch_threads": torch.get_num_threads(),
+        "machine": args.machine,
+        "vocab_size": len(tokenizer),
+        "stage_steps": list(args.stage_steps),
+        "num_views": args.num_views,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "text_config": TEXT_CONFIG,
+        "vision_config": VISION_CONFIG,
+        "image_size": IMAGE_SIZE,
+        "understanding_side": UNDERSTANDING_SIDE,
+        **_size_report(final),
+    }
+    if args.ship:
+        from modeling_unimedvl.default_model import DEFAULT_MODEL_DIR
+
+        summary["shipped"] = ship_default_model(final, DEFAULT_MODEL_DIR)
+    write_json(os.path.join(output, "build_summary.json"), summary, indent=1)
+    print(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ Only held-out data is used:
 - **Text-to-image**: a small CNN (modality + region heads) trained here on MedPix *train* images at 64 px classifies
   images generated from the MedPix *dev* label prompts ("MR, sagittal, spine and muscles"); its accuracy on the real dev
   images is the reference, the dev frequency of the training majority class the baseline.
-- **Image-to-image**: 2× super-resolution of MedPix dev images at 64 px, PSNR / SSIM (harness `psnr_ssim`) against
-  the bicubic input.
+- **Image-to-image**: 2× super-resolution of every MedPix dev image at the generation size (≤ 64 px), PSNR / SSIM
+  (harness `psnr_ssim`) against the bicubic input, beside the VAE's own reconstruction of the target.
+- **Grid**: images for the card prompts (`CARD_PROMPTS`, 4 seeds each) as one PNG, with the classifier's verdicts.
+
+Sampler settings are UniMedVL-Tiny's (`modeling_unimedvl.default_model.TINY_TEXT_TO_IMAGE` / `TINY_IMAGE_TO_IMAGE`,
+which the quickstart and the demo use too). `--split train` runs the generation tasks on MedPix *train* prompts, to
+choose sampler settings without looking at dev.
 
 Writes `OUTPUT/results.json` in the format of `model_cards/build_model_cards.py --tiny-results` and
 `OUTPUT/evaluation.json` with everything.
@@ -27,36 +32,54 @@ import time
 
 from PIL import Image
 
+from modeling_unimedvl.atomic_files import write_json
+from modeling_unimedvl.default_model import TINY_IMAGE_TO_IMAGE, TINY_TEXT_TO_IMAGE
+
 from .build_unimedvl_tiny import (
     IMAGE_SIZE,
-    SR_TRANSFORM,
+    MODALITY_NAMES,
     MODALITY_QUESTION,
     PLANE_QUESTION,
+    REGION_NAMES,
     REGION_QUESTION,
-    REGIONS,
     SR_INSTRUCTION,
+    SR_TRANSFORM,
     label_prompt,
     load_square_images,
-    square_pixels,
     medpix_questions,
     medpix_rows,
     norm_region,
+    psnr,
+    square_pixels,
 )
 from .run_tiny_curriculum import sr_pair
 
 
-REGION_NAMES = list(REGIONS.values())
-MODALITIES = ["CT", "MR"]
+MODALITIES = list(MODALITY_NAMES)
 QUESTION_TYPES = {MODALITY_QUESTION: "modality", REGION_QUESTION: "region", PLANE_QUESTION: "plane"}
-DEFAULT_SAMPLING = {
-    "num_inference_steps": 25,
-    "cfg_text_scale": 3.0,
-    "cfg_img_scale": 1.0,
-    "cfg_interval": (0.0, 1.0),
-    "timestep_shift": 1.0,
-    "cfg_renorm_type": "global",
-    "cfg_renorm_min": 0.0,
+CARD_PROMPTS = (
+    "CT, axial, head",
+    "MR, axial, head",
+    "MR, sagittal, head",
+    "MR, sagittal, spine and muscles",
+    "CT, axial, thorax",
+    "CT, axial, abdomen",
+    "MR, coronal, abdomen",
+    "CT, axial, reproductive and urinary system",
+)
+"""The prompts of the grid in the model card and the README (modality, plane, body region)."""
+TARGETS = {
+    "VQA-RAD closed accuracy (%)": "≥ 65",
+    "VQA-RAD open recall (%)": "≥ 20",
+    "MedPix modality question accuracy (%)": "≥ 95",
+    "MedPix region question accuracy (%)": "≥ 70",
+    "MedPix plane question accuracy (%)": "≥ 85",
+    "Generated-image modality accuracy by classifier (%)": "≥ 95",
+    "Generated-image region accuracy by classifier (%)": "≥ 70",
+    "2x super-resolution PSNR (dB)": "> baseline",
+    "2x super-resolution SSIM": "> baseline",
 }
+"""The targets of the project's issue 16 for UniMedVL-Tiny (shown beside the measured values in its card)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -69,7 +92,7 @@ def make_classifier():
     from torch import nn
 
     class LabelClassifier(nn.Module):
-        """A small CNN on 64-px grayscale images with a modality head (CT/MR) and a region head (5 classes)."""
+        """A small CNN on 64-px grey images with a modality head (CT/MR) and a region head (5 classes)."""
 
         def __init__(self):
             super().__init__()
@@ -83,6 +106,7 @@ def make_classifier():
             self.region = nn.Linear(64, len(REGION_NAMES))
 
         def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """`pixels` `[n, 3, 64, 64]` in [-1, 1] → modality logits `[n, 2]`, region logits `[n, 5]`."""
             features = self.dropout(self.features(pixels.mean(1, keepdim=True)))
             return self.modality(features), self.region(features)
 
@@ -105,12 +129,16 @@ def vae_reconstruct(vae, pixels):
         return torch.cat([vae.decode(vae.encode(pixels[i : i + 128]).latent_dist.mean).sample for i in range(0, pixels.shape[0], 128)]).clamp(-1, 1)
 
 
-def train_classifier(data_dir: str, output_dir: str, seed: int, vae=None, epochs: int = 25):
+def medpix_pixels(data_dir: str, rows: list[dict]):
+    return load_square_images([os.path.join(data_dir, "medpix", "images", f"{r['image']}.png") for r in rows])
+
+
+def train_classifier(data_dir: str, output_dir: str, seed: int, vae=None, epochs: int = 15):
     """Trains (or loads) the label classifier on MedPix train at 64 px; returns it with its dev accuracies.
 
     With `vae`, the training set is the train images plus their VAE reconstructions (so that the classifier judges
-    the content of decoded images rather than their VAE blur), and the accuracy on VAE-reconstructed dev images — the
-    ceiling for generated images — is reported too.
+    the content of decoded images rather than their VAE blur), and the accuracy on VAE-reconstructed dev images is
+    reported too. Augmentation: flips, shifts of up to 6 px, contrast ×0.9–1.1.
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -119,13 +147,13 @@ def train_classifier(data_dir: str, output_dir: str, seed: int, vae=None, epochs
     path = os.path.join(output_dir, name)
     classifier = make_classifier()
     train_rows, dev_rows = medpix_rows(data_dir, "train"), medpix_rows(data_dir, "dev")
-    dev = load_square_images([os.path.join(data_dir, "medpix", "images", f"{r['image']}.png") for r in dev_rows])
+    dev = medpix_pixels(data_dir, dev_rows)
     dev_modality, dev_region = medpix_labels(dev_rows)
     if os.path.isfile(path):
         classifier.load_state_dict(load_file(path))
     else:
         torch.manual_seed(seed)
-        train = load_square_images([os.path.join(data_dir, "medpix", "images", f"{r['image']}.png") for r in train_rows])
+        train = medpix_pixels(data_dir, train_rows)
         modality, region = medpix_labels(train_rows)
         if vae is not None:
             train = torch.cat([train, vae_reconstruct(vae, train)])
@@ -142,9 +170,9 @@ def train_classifier(data_dir: str, output_dir: str, seed: int, vae=None, epochs
                 batch = train[index]
                 flip = torch.rand(len(index), generator=generator) < 0.5
                 batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-                shift = torch.randint(-4, 5, (2,), generator=generator).tolist()
+                shift = torch.randint(-6, 7, (2,), generator=generator).tolist()
                 batch = torch.roll(batch, shifts=shift, dims=(2, 3))
-                batch = batch * (1 + 0.1 * torch.randn(len(index), 1, 1, 1, generator=generator))
+                batch = (batch * (1 + 0.2 * (torch.rand(len(index), 1, 1, 1, generator=generator) - 0.5))).clamp(-1, 1)
                 logits_m, logits_r = classifier(batch)
                 loss = torch.nn.functional.cross_entropy(logits_m, modality[index]) + torch.nn.functional.cross_entropy(logits_r, region[index])
                 optimizer.zero_grad(set_to_none=True)
@@ -302,42 +330,78 @@ def grey_tensor(image: Image.Image):
     return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32))[None]
 
 
-def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int, count: int, sampling: dict, batch_size: int) -> dict:
+def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int, sampling: dict, batch_size: int, count: int | None = None) -> dict:
+    """2× super-resolution of every MedPix dev image (`count`: the first ones only) at the generation size: the
+    input is the image halved and enlarged back (bicubic), the target the image; PSNR / SSIM of the model's output
+    and of the bicubic input against the target (grey, 8 bit), and of the target's own VAE reconstruction (what any
+    output decoded by this VAE can reach). Batches hold images of one size."""
+    import torch
+
     from unimedvl_pipelines.evaluation.image_metrics import psnr_ssim
     from unimedvl_pipelines.evaluation.runner import generate_images, in_batches, item_seed
 
-    rows = medpix_rows(data_dir, "dev")
+    rows = medpix_rows(data_dir, "dev")[:count]
     pairs_dir = os.path.join(output_dir, "sr_pairs")
     os.makedirs(pairs_dir, exist_ok=True)
-    pairs = []
+    by_size: dict[tuple[int, int], list] = {}
     for row in rows:
         low, high = sr_pair(os.path.join(data_dir, "medpix", "images", f"{row['image']}.png"), pairs_dir, row["image"], SR_TRANSFORM)
         with Image.open(low) as image_low, Image.open(high) as image_high:
-            if image_low.size == (IMAGE_SIZE, IMAGE_SIZE):  # one batch size for all conditions
-                pairs.append((row["image"], image_low.convert("RGB"), image_high.convert("L")))
-        if len(pairs) >= count:
-            break
-    model_scores, bicubic_scores = [], []
-    for batch in in_batches(pairs, batch_size):
-        outputs = generate_images(
-            model, processor, [SR_INSTRUCTION] * len(batch), [item_seed(seed, name) for name, _, _ in batch], sampling,
-            conditions=[low for _, low, _ in batch],
-        )
-        for (name, low, high), output in zip(batch, outputs):
-            output.save(os.path.join(pairs_dir, f"{name}_model.png"))
-            target = grey_tensor(high)
-            model_scores.append(psnr_ssim(grey_tensor(output), target))
-            bicubic_scores.append(psnr_ssim(grey_tensor(low), target))
+            by_size.setdefault(image_low.size, []).append((row["image"], image_low.convert("RGB"), image_high.convert("L")))
+    scores = {"model": [], "bicubic": [], "vae": []}
+    vae = model.model.vae
+    for size in sorted(by_size):
+        for batch in in_batches(by_size[size], batch_size):
+            outputs = generate_images(
+                model, processor, [SR_INSTRUCTION] * len(batch), [item_seed(seed, name) for name, _, _ in batch], sampling,
+                conditions=[low for _, low, _ in batch],
+            )
+            targets = torch.stack([grey_tensor(high) for _, _, high in batch])
+            with torch.no_grad():
+                reconstructed = vae.decode(vae.encode(targets.expand(-1, 3, -1, -1) / 127.5 - 1).latent_dist.mean).sample
+            reconstructed = ((reconstructed.clamp(-1, 1).mean(1, keepdim=True) + 1) * 127.5).round()
+            for (name, low, high), output, target, vae_image in zip(batch, outputs, targets, reconstructed):
+                output.save(os.path.join(pairs_dir, f"{name}_model.png"))
+                scores["model"].append(psnr_ssim(grey_tensor(output), target))
+                scores["bicubic"].append(psnr_ssim(grey_tensor(low), target))
+                scores["vae"].append(psnr_ssim(vae_image, target))
 
-    def mean(scores, index):
-        return sum(s[index] for s in scores) / max(1, len(scores))
+    def mean(kind, index):
+        return sum(s[index] for s in scores[kind]) / max(1, len(scores[kind]))
 
     return {
-        "n": len(pairs),
-        "psnr": mean(model_scores, 0),
-        "ssim": mean(model_scores, 1),
-        "bicubic_psnr": mean(bicubic_scores, 0),
-        "bicubic_ssim": mean(bicubic_scores, 1),
+        "n": len(scores["model"]),
+        "psnr": mean("model", 0),
+        "ssim": mean("model", 1),
+        "bicubic_psnr": mean("bicubic", 0),
+        "bicubic_ssim": mean("bicubic", 1),
+        "vae_reconstruction_psnr": mean("vae", 0),
+        "vae_reconstruction_ssim": mean("vae", 1),
+        "model_beats_bicubic_fraction": sum(m[0] > b[0] for m, b in zip(scores["model"], scores["bicubic"])) / max(1, len(scores["model"])),
+        "sizes": {f"{w}x{h}": len(items) for (w, h), items in sorted(by_size.items())},
+        "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in sampling.items()},
+    }
+
+
+def prompt_grid(model, processor, prompts, seeds: list[int], sampling: dict, path: str, classifier=None, scale: int = 2) -> dict:
+    """A PNG grid of generated images: one row per prompt, one column per seed, each image enlarged `scale`× (nearest
+    neighbour); with `classifier`, each row's modality / region predictions are returned too."""
+    from unimedvl_pipelines.evaluation.runner import generate_images
+
+    side = IMAGE_SIZE * scale
+    grid = Image.new("RGB", (side * len(seeds), side * len(prompts)), "white")
+    rows = {}
+    for r, prompt in enumerate(prompts):
+        images = generate_images(model, processor, [prompt] * len(seeds), seeds, dict(sampling, height=IMAGE_SIZE, width=IMAGE_SIZE))
+        for c, image in enumerate(images):
+            grid.paste(image.resize((side, side), Image.NEAREST), (c * side, r * side))
+        if classifier is not None:
+            modality, region = classify(classifier, square_pixels(images))
+            rows[prompt] = {"modality": [MODALITIES[i] for i in modality.tolist()], "region": [REGION_NAMES[i] for i in region.tolist()]}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path, optimize=True)
+    return {
+        "path": path, "prompts": list(prompts), "seeds": list(seeds), "classified": rows, "size": IMAGE_SIZE,
         "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in sampling.items()},
     }
 
@@ -368,8 +432,13 @@ def card_results(evaluation: dict) -> dict:
             }
     sr = evaluation.get("super_resolution")
     if sr:
-        results["2x super-resolution PSNR (dB)"] = {"value": round(sr["psnr"], 2), "baseline": round(sr["bicubic_psnr"], 2), "dataset": f"MedPix 2.0 dev, 64 px ({sr['n']})"}
-        results["2x super-resolution SSIM"] = {"value": round(sr["ssim"], 3), "baseline": round(sr["bicubic_ssim"], 3), "dataset": f"MedPix 2.0 dev, 64 px ({sr['n']})"}
+        dataset = f"MedPix 2.0 dev, ≤ 64 px ({sr['n']})"
+        results["2x super-resolution PSNR (dB)"] = {"value": round(sr["psnr"], 2), "baseline": round(sr["bicubic_psnr"], 2), "dataset": dataset}
+        results["2x super-resolution SSIM"] = {"value": round(sr["ssim"], 3), "baseline": round(sr["bicubic_ssim"], 3), "dataset": dataset}
+        results["VAE reconstruction of the SR targets, PSNR (dB) (bound)"] = {"value": round(sr["vae_reconstruction_psnr"], 2), "baseline": round(sr["bicubic_psnr"], 2), "dataset": dataset}
+    for name, target in TARGETS.items():
+        if name in results:
+            results[name]["target"] = target
     return results
 
 
@@ -382,12 +451,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="at most this many items per task (smoke runs)")
-    parser.add_argument("--num-sr", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tasks", nargs="+", default=["vqa_rad", "medpix_questions", "text_to_image", "super_resolution"])
-    parser.add_argument("--cfg-text-scale", type=float, default=DEFAULT_SAMPLING["cfg_text_scale"])
-    parser.add_argument("--timestep-shift", type=float, default=DEFAULT_SAMPLING["timestep_shift"])
-    parser.add_argument("--steps", type=int, default=DEFAULT_SAMPLING["num_inference_steps"])
+    parser.add_argument("--tasks", nargs="+", default=["vqa_rad", "medpix_questions", "text_to_image", "super_resolution", "grid"])
+    parser.add_argument("--split", default="dev", choices=("dev", "train"), help="MedPix split of the generation tasks (train: to tune sampling without touching dev)")
+    parser.add_argument("--cfg-text-scale", type=float, default=TINY_TEXT_TO_IMAGE["cfg_text_scale"])
+    parser.add_argument("--steps", type=int, default=TINY_TEXT_TO_IMAGE["num_inference_steps"])
+    parser.add_argument("--sr-steps", type=int, default=TINY_IMAGE_TO_IMAGE["num_inference_steps"])
+    parser.add_argument("--grid", default=None, help="PNG path of the card grid (default: OUTPUT/card_grid.png)")
     args = parser.parse_args(argv)
 
     import torch
@@ -401,31 +471,33 @@ def main(argv=None) -> dict:
     evaluation = json.load(open(evaluation_path)) if os.path.isfile(evaluation_path) else {}
     evaluation.setdefault("timings_s", {})
     model, processor = load_checkpoint(args.model, "cpu", "float32")
-    sampling = dict(DEFAULT_SAMPLING, cfg_text_scale=args.cfg_text_scale, timestep_shift=args.timestep_shift, num_inference_steps=args.steps)
+    sampling = dict(TINY_TEXT_TO_IMAGE, cfg_text_scale=args.cfg_text_scale, num_inference_steps=args.steps)
+    sr_sampling = dict(TINY_IMAGE_TO_IMAGE, num_inference_steps=args.sr_steps)
+    classifier = None
     for task in args.tasks:
         start = time.perf_counter()
         torch.manual_seed(args.seed)
+        if task in ("text_to_image", "grid") and classifier is None:
+            classifier, evaluation["classifier_on_real_dev"] = train_classifier(args.data, args.output, args.seed, vae=model.model.vae)
         if task == "vqa_rad":
             evaluation[task] = vqa_rad(model, processor, args.model, args.data, args.output, args.seed, args.batch_size, args.limit)
         elif task == "medpix_questions":
             evaluation[task] = medpix_dev_questions(model, processor, args.model, args.data, args.output, args.seed, args.batch_size, args.limit)
         elif task == "text_to_image":
-            classifier, real = train_classifier(args.data, args.output, args.seed, vae=model.model.vae)
-            evaluation["classifier_on_real_dev"] = real
-            evaluation[task] = text_to_image(model, processor, classifier, args.data, args.output, args.seed, sampling, args.batch_size, args.limit)
+            evaluation[task] = text_to_image(model, processor, classifier, args.data, args.output, args.seed, sampling, args.batch_size, args.limit, args.split)
         elif task == "super_resolution":
-            sr_sampling = dict(sampling, cfg_img_scale=1.0)
-            evaluation[task] = super_resolution(model, processor, args.data, args.output, args.seed, args.num_sr if args.limit is None else min(args.limit, args.num_sr), sr_sampling, args.batch_size)
+            evaluation[task] = super_resolution(model, processor, args.data, args.output, args.seed, sr_sampling, args.batch_size, args.limit)
+        elif task == "grid":
+            path = args.grid or os.path.join(args.output, "card_grid.png")
+            evaluation[task] = prompt_grid(model, processor, CARD_PROMPTS, [0, 1, 2, 3], sampling, path, classifier)
         else:
             raise ValueError(f"unknown task {task!r}")
         evaluation["timings_s"][task] = round(time.perf_counter() - start, 1)
         evaluation["model"] = os.path.abspath(args.model)
-        with open(evaluation_path, "w") as handle:
-            json.dump(evaluation, handle, indent=1)
+        write_json(evaluation_path, evaluation, indent=1)
         print(task, json.dumps(evaluation[task], indent=1)[:2000], flush=True)
     results = card_results(evaluation)
-    with open(os.path.join(args.output, "results.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
+    write_json(os.path.join(args.output, "results.json"), results, indent=1)
     print(json.dumps(results, indent=1))
     return evaluation
 

@@ -136,7 +136,7 @@ def summarize(name: str, final_dir: str) -> dict:
         }
     speeds = [entry["tokens_per_second"] for entry in history if "tokens_per_second" in entry]
     result["tokens_per_second_median"] = sorted(speeds)[len(speeds) // 2] if speeds else None
-    result["train_runtime_s"] = next(entry["train_runtime"] for entry in history if "train_runtime" in entry)
+    result["train_runtime_s"] = next((entry["train_runtime"] for entry in history if "train_runtime" in entry), None)
     return result
 
 
