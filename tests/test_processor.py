@@ -165,3 +165,26 @@ def test_the_tokenizer_ends_segments_as_the_model_does(tiny_model, tiny_processo
     align_special_tokens(model, tiny_processor)
     assert model.config.get_text_config().eos_token_id == tiny_model.config.eos_token_id
     assert model.generation_config.eos_token_id == tiny_model.generation_config.eos_token_id
+
+
+@pytest.mark.parametrize("folder", ["shipped_tiny", "converted"])
+def test_auto_processor_never_falls_back_to_a_bare_tokenizer(folder, converted_dir, tmp_path):
+    """Without the package and without `trust_remote_code`, AutoProcessor refuses the folder and says what to do; it
+    never hands back the folder's tokenizer alone."""
+    import os
+    import subprocess
+    import sys
+
+    from modeling_unimedvl import default_model_path
+
+    path = default_model_path() if folder == "shipped_tiny" else str(converted_dir)
+    script = (
+        "import sys\nsys.modules['modeling_unimedvl'] = None\nsys.modules['unimedvl_pipelines'] = None\n"
+        "from transformers import AutoProcessor\n"
+        f"try:\n    processor = AutoProcessor.from_pretrained({path!r})\n    print('LOADED', type(processor).__name__)\n"
+        "except ValueError as error:\n    print('REFUSED', ' '.join(str(error).split()))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REFUSED" in result.stdout and "trust_remote_code=True" in result.stdout, result.stdout
