@@ -33,6 +33,7 @@ import torch
 from modeling_unimedvl.atomic_files import save_image as save_image_atomically
 
 from .cli_arguments import (
+    TORCH_DTYPES,
     OneLineArgumentParser,
     VersionAction,
     add_model_path_option,
@@ -52,7 +53,7 @@ REPORT_PROMPT = (
     "Please analyze this medical image using professional medical knowledge and provide a detailed radiological "
     "report with findings and diagnostic opinions."
 )
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": "auto", **TORCH_DTYPES}
 
 
 class CommandError(Exception):

@@ -31,6 +31,8 @@ KEY_DISTRIBUTIONS = (
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 MAX_SEED = 2**64 - 1
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""`--dtype` names (besides `auto`) and the torch dtypes they select, the same for every sub-command."""
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -180,6 +182,7 @@ def version_report() -> str:
 
 __all__ = [
     "OneLineArgumentParser",
+    "TORCH_DTYPES",
     "VersionAction",
     "add_model_path_option",
     "check_device_available",

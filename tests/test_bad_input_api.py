@@ -23,6 +23,8 @@ from modeling_unimedvl.safetensors_reader import CheckpointError
 from unimedvl_pipelines import UniMedVLPipeline
 from unimedvl_pipelines.medical_images import ImageLoadError, check_image_file, load_medical_image
 
+from input_files import edit_json, write_file
+
 
 # ------------------------------------------------------------------------------------------------ model folders
 
@@ -32,15 +34,6 @@ def edit_weights(function):
         tensors = load_file(str(folder / "model.safetensors"))
         function(tensors)
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-
-    return edit
-
-
-def edit_json(name, function):
-    def edit(folder):
-        data = json.loads((folder / name).read_text())
-        function(data)
-        (folder / name).write_text(json.dumps(data))
 
     return edit
 
@@ -191,12 +184,7 @@ def png_with_header(width, height):
 
 
 def write(name, data):
-    def make(tmp_path):
-        path = tmp_path / name
-        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
-        return path
-
-    return make
+    return lambda tmp_path: write_file(tmp_path / name, data)
 
 
 def truncated_nifti(tmp_path):

@@ -2,9 +2,6 @@
 `unimedvl: error: …` line naming the option / file / key / size. Faults: an image write killed mid-way leaves no
 partial file and the re-run writes the same image. Also: `--version`, and importing the package prints nothing."""
 
-import contextlib
-import io
-import json
 import os
 import re
 import shutil
@@ -18,32 +15,18 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from fault_injection import kill_mid_write, run_killed
-from test_bad_input_api import drop_decoder, edit_weights, nan_float_tiff, png_with_header, truncated_nifti
+from in_process_cli import run_in_process
+from input_files import write_file
+from test_bad_input_api import (
+    drop_decoder,
+    edit_weights,
+    nan_float_tiff,
+    png_with_header,
+    set_image_processor,
+    set_text_config,
+    truncated_nifti,
+)
 from test_bad_input_convert import edit_header
-from unimedvl_pipelines.cli import main
-
-
-def run_in_process(args):
-    """`main()` in this process: (exit status, stdout, stderr); usage errors exit through SystemExit."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            code = main([str(arg) for arg in args])
-        except SystemExit as exit:
-            code = exit.code
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
-def edit_json(name, path, value):
-    def edit(folder):
-        data = json.loads((folder / name).read_text())
-        target = data
-        for key in path[:-1]:
-            target = target[key]
-        target[path[-1]] = value
-        (folder / name).write_text(json.dumps(data))
-
-    return edit
 
 
 def only_bin(folder):
@@ -54,8 +37,8 @@ def only_bin(folder):
 DAMAGED_MODELS = {
     "corrupt-header": lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json......}"),
     "mis-shaped": edit_weights(lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"][:-1].clone())),
-    "config-type": edit_json("config.json", ["text_config", "num_hidden_layers"], "two"),
-    "patch-size-zero": edit_json("processor_config.json", ["image_processor", "patch_size"], 0),
+    "config-type": set_text_config("num_hidden_layers", "two"),
+    "patch-size-zero": set_image_processor("patch_size", 0),
     "tokenizer-empty": lambda f: (f / "tokenizer.json").write_text("{}"),
     "only-bin": only_bin,
     "nan-lm-head": edit_weights(lambda t: t["lm_head.weight"].__setitem__((1, 1), float("nan"))),
@@ -84,9 +67,7 @@ class Inputs:
         return folder
 
     def file(self, name, data):
-        path = self.tmp / name
-        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
-        return path
+        return write_file(self.tmp / name, data)
 
     def folder(self, name):
         (self.tmp / name).mkdir()

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fault_injection import kill_after_calls, run_killed
+from input_files import edit_json
 from modeling_unimedvl.convert import main
 
 
@@ -62,13 +63,9 @@ def edit_entry(key, **changes):
     return function
 
 
-def edit_json(name, **changes):
-    def edit(folder):
-        data = json.loads((folder / name).read_text())
-        data.update(changes)
-        (folder / name).write_text(json.dumps(data))
-
-    return edit
+def update_json(name, **changes):
+    """An edit of the release's JSON file `name` setting its top-level `changes`."""
+    return edit_json(name, lambda data: data.update(changes))
 
 
 def write_text(name, text):
@@ -183,16 +180,15 @@ CASES = [
     ("llm-config-json-list", write_text("llm_config.json", "[1, 2]"), "out", [],
      r"llm_config\.json must hold a JSON object, not a list", 1),
     ("llm-config-not-json", write_text("llm_config.json", "{"), "out", [], r"llm_config\.json is not valid JSON", 1),
-    ("llm-config-string-size", edit_json("llm_config.json", hidden_size="64"), "out", [],
+    ("llm-config-string-size", update_json("llm_config.json", hidden_size="64"), "out", [],
      r"llm_config\.json: hidden_size must be an integer >= 1, got '64'", 1),
-    ("llm-config-zero-size", edit_json("llm_config.json", num_attention_heads=0), "out", [],
+    ("llm-config-zero-size", update_json("llm_config.json", num_attention_heads=0), "out", [],
      r"llm_config\.json: num_attention_heads must be an integer >= 1, got 0", 1),
-    ("vit-config-one-layer", edit_json("vit_config.json", num_hidden_layers=1), "out", [],
+    ("vit-config-one-layer", update_json("vit_config.json", num_hidden_layers=1), "out", [],
      r"vit_config\.json: num_hidden_layers must be an integer >= 2, got 1", 1),
-    ("vit-config-no-patch-size", lambda folder: (folder / "vit_config.json").write_text(
-        json.dumps({k: v for k, v in json.loads((folder / "vit_config.json").read_text()).items() if k != "patch_size"})),
-     "out", [], r"vit_config\.json has no patch_size", 1),
-    ("ae-params-string-channels", edit_json("ae_params.json", ch="32"), "out", [],
+    ("vit-config-no-patch-size", edit_json("vit_config.json", lambda config: config.pop("patch_size")), "out", [],
+     r"vit_config\.json has no patch_size", 1),
+    ("ae-params-string-channels", update_json("ae_params.json", ch="32"), "out", [],
      r"ae_params\.json: ch must be an integer >= 1, got '32'", 1),
     ("tokenizer-corrupt", write_text("tokenizer.json", '{"version": '), "out", [],
      r"tokenizer\.json is not valid JSON \(Expecting value", 1),

@@ -10,7 +10,8 @@ import shutil
 import pytest
 
 from fault_injection import kill_at_open, kill_mid_write, run_killed
-from test_bad_input_cli import run_in_process
+from in_process_cli import run_in_process
+from input_files import prediction_rows, write_file
 from unimedvl_pipelines.evaluation import evaluate_vqa
 
 
@@ -21,10 +22,7 @@ class Files:
         self.tmp, self.model, self.vqa = tmp_path, converted_dir, data_dir / "vqa_rad" / "testset.json"
 
     def file(self, name, data):
-        path = self.tmp / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
-        return path
+        return write_file(self.tmp / name, data)
 
     def vqa_args(self, output, *extra):
         return ["eval", "vqa", "--model", self.model, "--data", self.vqa, "--output-dir", output, "--limit", "2",
@@ -117,14 +115,9 @@ def run_vqa(model, data, output):
     return evaluate_vqa(str(model), str(data), str(output), batch_size=1, max_new_tokens=2, limit=3, progress=False, device="cpu")
 
 
-def prediction_rows(path):
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return {row["id"]: row for row in rows}
+def predictions_by_id(path):
+    """The rows of a predictions file by id (a later row of an id replaces an earlier one, as the package reads it)."""
+    return {row["id"]: row for row in prediction_rows(path)}
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +143,7 @@ def test_killed_while_resuming_after_a_crash_loses_no_prediction(uninterrupted, 
     rerun = run_vqa(converted_dir, data, output)
     assert (rerun["timing"]["generated"], rerun["timing"]["resumed"]) == (1, 2)
     assert rerun["metrics"] == result["metrics"]
-    assert prediction_rows(output / "predictions.jsonl") == prediction_rows(reference / "predictions.jsonl")
+    assert predictions_by_id(output / "predictions.jsonl") == predictions_by_id(reference / "predictions.jsonl")
 
 
 def test_killed_while_writing_metrics_keeps_the_previous_file_whole(uninterrupted, converted_dir, data_dir, tmp_path):

@@ -1,7 +1,5 @@
 """The `unimedvl` command line: every sub-command on the tiny model, plus one-line errors for bad input."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -12,6 +10,7 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from in_process_cli import run_in_process
 from unimedvl_pipelines import UniMedVLPipeline, load_medical_image
 from unimedvl_pipelines.cli import REPORT_PROMPT, SUBCOMMANDS, build_parser, main
 
@@ -91,7 +90,7 @@ def test_convert_delegates(reference_dir, tmp_path):
     result = run_cli("convert", reference_dir, tmp_path / "out", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert f"validated {reference_dir}" in result.stdout
-    code, stderr = run_in_process(["convert", tmp_path / "missing", tmp_path / "out"])
+    code, _, stderr = run_in_process(["convert", tmp_path / "missing", tmp_path / "out"])
     assert code == 1 and "missing" in stderr
 
 
@@ -113,7 +112,7 @@ def test_bad_input_gives_one_line_errors(converted_dir, reference_image, tmp_pat
         (("eval", "bleu"), 2, "invalid choice: 'bleu'"),
     ]
     for args, status, message in cases:
-        code, stderr = run_in_process(args)
+        code, _, stderr = run_in_process(args)
         assert code == status, (args, stderr)
         assert message in error_line(stderr), (args, stderr)
 
@@ -127,21 +126,10 @@ def test_the_model_defaults_to_unimedvl_model_then_the_shipped_tiny(converted_di
     assert main(["ask", str(image), "What modality is this image?", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip()  # UniMedVL-Tiny answered
     monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIR", str(tmp_path / "absent"))
-    code, stderr = run_in_process(["ask", image, "q"])
+    code, _, stderr = run_in_process(["ask", image, "q"])
     assert code == 1 and "no model given and The default model UniMedVL-Tiny is missing" in error_line(stderr)
     monkeypatch.setenv("UNIMEDVL_MODEL", str(converted_dir))  # the environment variable wins over the default
     assert main(["ask", str(image), "q", "--max-new-tokens", "2"]) == 0
-
-
-def run_in_process(args):
-    """`main()` in this process: (exit status, stderr); argparse's usage errors exit through SystemExit."""
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        try:
-            code = main([str(arg) for arg in args])
-        except SystemExit as exit:
-            code = exit.code
-    return code, stderr.getvalue()
 
 
 def test_subcommands_are_extensible():

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from input_files import prediction_rows
 from unimedvl_pipelines.evaluation import evaluate_vqa, register_eval_command, rescore_vqa
 from unimedvl_pipelines.evaluation.cli import main as eval_main
 
@@ -29,18 +30,6 @@ def vqa_rad(data_dir):
     return data_dir / "vqa_rad" / "testset.json"
 
 
-def _lines(path):
-    """The prediction rows of an append-only predictions file (a fragment left by a killed write is not a row)."""
-    rows = []
-    with open(path) as handle:
-        for line in handle:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 def test_vqa_run_resume_and_rescore(tiny_model, small_processor, converted_dir, vqa_rad, tmp_path):
     output = tmp_path / "run"
     kwargs = dict(batch_size=8, max_new_tokens=4, limit=20, progress=False, model=tiny_model, processor=small_processor)
@@ -48,7 +37,7 @@ def test_vqa_run_resume_and_rescore(tiny_model, small_processor, converted_dir, 
     overall = first["metrics"]["overall"]
     assert (overall["n"], overall["n_closed"], overall["n_open"]) == (20, 19, 1)
     assert first["timing"]["generated"] == 20 and first["timing"]["resumed"] == 0
-    rows = _lines(output / "predictions.jsonl")
+    rows = prediction_rows(output / "predictions.jsonl")
     assert len(rows) == 20 and len({row["id"] for row in rows}) == 20
     assert {"id", "image", "question", "answer", "answer_type", "question_type", "organ", "prediction"} <= set(rows[0])
     assert sum(block["n"] for block in first["metrics"]["by_organ"].values()) == 20
@@ -69,10 +58,10 @@ def test_vqa_run_resume_and_rescore(tiny_model, small_processor, converted_dir, 
     (output / "predictions.jsonl").write_text("\n".join(text[:-1]) + "\n" + text[-1][:30] + "\n")
     third = evaluate_vqa(str(converted_dir), str(vqa_rad), str(output), **kwargs)
     assert (third["timing"]["generated"], third["timing"]["resumed"]) == (1, 19)
-    assert len(_lines(output / "predictions.jsonl")) == 20
+    assert len(prediction_rows(output / "predictions.jsonl")) == 20
     assert (output / "predictions.jsonl").read_text().splitlines()[19] == text[-1][:30]  # appended after, never rewritten
     assert (
-        _lines(output / "predictions.jsonl")[-1]["prediction"] == rows[-1]["prediction"]
+        prediction_rows(output / "predictions.jsonl")[-1]["prediction"] == rows[-1]["prediction"]
     )  # greedy, same batch-free answer
 
     rescored = rescore_vqa(str(output / "predictions.jsonl"), str(tmp_path / "rescored"))
@@ -82,7 +71,7 @@ def test_vqa_run_resume_and_rescore(tiny_model, small_processor, converted_dir, 
     with pytest.raises(ValueError, match="different settings \\(max_new_tokens\\)"):
         evaluate_vqa(str(converted_dir), str(vqa_rad), str(output), **dict(kwargs, max_new_tokens=5))
     fresh = evaluate_vqa(str(converted_dir), str(vqa_rad), str(output), overwrite=True, **dict(kwargs, limit=3))
-    assert fresh["timing"]["generated"] == 3 and len(_lines(output / "predictions.jsonl")) == 3
+    assert fresh["timing"]["generated"] == 3 and len(prediction_rows(output / "predictions.jsonl")) == 3
 
 
 def test_bad_vqa_rows_are_counted(tiny_model, small_processor, converted_dir, data_dir, tmp_path):
@@ -162,7 +151,7 @@ def test_cli_standalone_and_registration(converted_dir, vqa_rad, tmp_path, capsy
     )
     assert code == 0
     assert "## VQA — testset.json" in capsys.readouterr().out
-    assert len(_lines(output / "predictions.jsonl")) == 2
+    assert len(prediction_rows(output / "predictions.jsonl")) == 2
     assert eval_main(["vqa", "--predictions", str(output / "predictions.jsonl")]) == 0
     assert "2 questions" in capsys.readouterr().out
     assert (

@@ -10,6 +10,7 @@ import os
 import sys
 
 from ..cli_arguments import (
+    TORCH_DTYPES,
     OneLineArgumentParser,
     add_model_path_option,
     check_device_available,
@@ -23,6 +24,23 @@ from ..cli_arguments import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+RUN_OPTIONS = ("image_dir", "batch_size", "limit", "seed", "device", "dtype", "overwrite")
+"""Options of `_add_common` that every task's `evaluate_*` function takes as keyword arguments of the same name."""
+SAMPLING_OPTIONS = (
+    "num_inference_steps", "cfg_text_scale", "cfg_interval", "cfg_renorm_type", "cfg_renorm_min", "timestep_shift"
+)
+"""Options of `_add_sampling` (all but `--cfg-img-scale`, which only i2i has) that the image tasks take by name."""
+TASK_OPTIONS = {
+    "vqa": ("max_new_tokens", "prompt_template"),
+    "report": ("max_images", "max_new_tokens", "prompt", "wordnet_dir"),
+    "generation": (
+        "feature_extractor", "inception_weights", "samples_per_prompt", "height", "width", "feature_image_size",
+        "kid_subset_size", "kid_subsets", "ms_ssim_scales", *SAMPLING_OPTIONS,
+    ),
+    "i2i": ("cfg_img_scale", "vae_encode", "crop_border", *SAMPLING_OPTIONS),
+}
+"""Each task's own options, which its `evaluate_*` function takes as keyword arguments of the same name."""
+
 
 def _add_common(parser: argparse.ArgumentParser, batch_size: int) -> None:
     add_model_path_option(parser)
@@ -34,7 +52,7 @@ def _add_common(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N valid rows")
     parser.add_argument("--seed", type=seed_value, default=0)
     parser.add_argument("--device", type=device_name, default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *TORCH_DTYPES])
     parser.add_argument("--overwrite", action="store_true", help="delete earlier predictions in --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -98,28 +116,13 @@ def register_eval_command(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _common_kwargs(args) -> dict:
-    return dict(
-        image_dir=args.image_dir,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
-
-
-def _sampling_kwargs(args) -> dict:
-    return dict(
-        num_inference_steps=args.num_inference_steps,
-        cfg_text_scale=args.cfg_text_scale,
-        cfg_interval=tuple(args.cfg_interval),
-        cfg_renorm_type=args.cfg_renorm_type,
-        cfg_renorm_min=args.cfg_renorm_min,
-        timestep_shift=args.timestep_shift,
-    )
+def evaluate_kwargs(args) -> dict:
+    """Keyword arguments of the `evaluate_*` function of `args.eval_task`: the parsed options of the same names
+    (`RUN_OPTIONS`, `TASK_OPTIONS`), `--cfg-interval` as a tuple and `progress` (not `--no-progress`)."""
+    kwargs = {name: getattr(args, name) for name in RUN_OPTIONS + TASK_OPTIONS[args.eval_task]}
+    if "cfg_interval" in kwargs:
+        kwargs["cfg_interval"] = tuple(kwargs["cfg_interval"])
+    return dict(kwargs, progress=not args.no_progress)
 
 
 def run_eval_command(args) -> int:
@@ -148,55 +151,13 @@ def run_eval_command(args) -> int:
             )
         check_device_available(args.device)
         args.checkpoint = resolve_model_path(args.model)
-        common = _common_kwargs(args)
-        if args.eval_task == "vqa":
-            result = evaluate_vqa(
-                args.checkpoint,
-                args.data,
-                args.output_dir,
-                max_new_tokens=args.max_new_tokens,
-                prompt_template=args.prompt_template,
-                **common,
-            )
-        elif args.eval_task == "report":
-            result = evaluate_report(
-                args.checkpoint,
-                args.data,
-                args.output_dir,
-                max_images=args.max_images,
-                max_new_tokens=args.max_new_tokens,
-                prompt=args.prompt,
-                wordnet_dir=args.wordnet_dir,
-                **common,
-            )
-        elif args.eval_task == "generation":
-            result = evaluate_generation(
-                args.checkpoint,
-                args.data,
-                args.output_dir,
-                feature_extractor=args.feature_extractor,
-                inception_weights=args.inception_weights,
-                samples_per_prompt=args.samples_per_prompt,
-                height=args.height,
-                width=args.width,
-                feature_image_size=args.feature_image_size,
-                kid_subset_size=args.kid_subset_size,
-                kid_subsets=args.kid_subsets,
-                ms_ssim_scales=args.ms_ssim_scales,
-                **_sampling_kwargs(args),
-                **common,
-            )
-        else:
-            result = evaluate_i2i(
-                args.checkpoint,
-                args.data,
-                args.output_dir,
-                cfg_img_scale=args.cfg_img_scale,
-                vae_encode=args.vae_encode,
-                crop_border=args.crop_border,
-                **_sampling_kwargs(args),
-                **common,
-            )
+        evaluate = {
+            "vqa": evaluate_vqa,
+            "report": evaluate_report,
+            "generation": evaluate_generation,
+            "i2i": evaluate_i2i,
+        }[args.eval_task]
+        result = evaluate(args.checkpoint, args.data, args.output_dir, **evaluate_kwargs(args))
     with open(result["files"]["summary"], encoding="utf-8") as handle:
         print(handle.read())
     return 0
@@ -216,4 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["register_eval_command", "run_eval_command", "main"]
+__all__ = [
+    "RUN_OPTIONS",
+    "SAMPLING_OPTIONS",
+    "TASK_OPTIONS",
+    "register_eval_command",
+    "evaluate_kwargs",
+    "run_eval_command",
+    "main",
+]

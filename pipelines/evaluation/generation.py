@@ -6,9 +6,6 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-from modeling_unimedvl.atomic_files import save_image
 
 from .image_metrics import (
     extract_features,
@@ -18,10 +15,10 @@ from .image_metrics import (
     load_inception_extractor,
     ms_ssim_diversity,
 )
-from .predictions import file_stem, open_run
+from .predictions import prediction_images_folder, save_prediction_image
 from .records import load_generation_records
-from .runner import generate_images, in_batches, item_seed, model_for_run, run_device_dtype
-from .summary import format_value, input_and_timing_lines, markdown_table, write_summary
+from .runner import generate_images, item_seed, model_for_run, progress_batches, run_device_dtype, start_run
+from .summary import format_value, input_and_timing_lines, markdown_table, run_timing, save_result
 
 GENERATION_DEFINITIONS = {
     "fid": "Frechet distance of extractor features (torchmetrics FrechetInceptionDistance on precomputed features); "
@@ -203,7 +200,7 @@ def evaluate_generation(
     """
     start = time.perf_counter()
     records, data_report = load_generation_records(data, image_dir, limit)
-    run_device, torch_dtype = run_device_dtype(model, device, dtype)
+    run_device, _ = run_device_dtype(model, device, dtype)
     sampling = {
         "height": height,
         "width": width,
@@ -214,37 +211,26 @@ def evaluate_generation(
         "cfg_renorm_min": cfg_renorm_min,
         "timestep_shift": timestep_shift,
     }
-    settings = dict(
-        sampling,
-        task="generation",
-        checkpoint=os.path.abspath(checkpoint),
-        data=os.path.abspath(data),
-        samples_per_prompt=samples_per_prompt,
-        seed=seed,
-        dtype=str(torch_dtype),
-    )
-    store = open_run(output_dir, settings, overwrite)
-    image_folder = os.path.join(output_dir, "images")
-    os.makedirs(image_folder, exist_ok=True)
+    fields = dict(sampling, samples_per_prompt=samples_per_prompt, seed=seed)
+    settings, store = start_run("generation", checkpoint, data, output_dir, fields, model, device, dtype, overwrite)
+    image_folder = prediction_images_folder(output_dir)
     jobs = [
         (record, sample)
         for record in records
         for sample in range(samples_per_prompt)
-        if f"{record['id']}#{sample}" not in store
-        or not os.path.isfile(store.items[f"{record['id']}#{sample}"]["generated"])
+        if not store.finished(f"{record['id']}#{sample}", "generated")
     ]
     model, processor = model_for_run(model, processor, jobs, checkpoint, device, dtype)
-    sampling["cfg_interval"] = tuple(cfg_interval)
-    for batch in tqdm(in_batches(jobs, batch_size), desc="Generation", unit="batch", disable=not progress):
+    for batch in progress_batches(jobs, batch_size, "Generation", progress):
         seeds = [item_seed(seed, record["id"], sample) for record, sample in batch]
         images = generate_images(model, processor, [record["prompt"] for record, _ in batch], seeds, sampling)
         rows = []
         for (record, sample), image, sample_seed in zip(batch, images, seeds):
-            path = os.path.join(image_folder, f"{file_stem(record['id'])}_{sample}.png")
-            save_image(image, path)
+            item_id = f"{record['id']}#{sample}"
+            path = save_prediction_image(image, image_folder, item_id)
             rows.append(
                 {
-                    "id": f"{record['id']}#{sample}",
+                    "id": item_id,
                     "record_id": record["id"],
                     "sample": sample,
                     "seed": sample_seed,
@@ -269,29 +255,18 @@ def evaluate_generation(
         run_device,
         seed,
     )
-    result = {
-        "task": "generation",
-        "checkpoint": settings["checkpoint"],
-        "data": settings["data"],
-        "settings": dict(
-            settings,
-            feature_image_size=feature_image_size,
-            kid_subset_size=kid_subset_size,
-            kid_subsets=kid_subsets,
-            ms_ssim_scales=ms_ssim_scales,
-        ),
-        "metrics": metrics,
-        "definitions": GENERATION_DEFINITIONS,
-        "input": data_report.to_dict(),
-        "timing": {
-            "wall_s": time.perf_counter() - start,
-            "generated": len(jobs),
-            "resumed": len(records) * samples_per_prompt - len(jobs),
-        },
-        "predictions": store.path,
-    }
-    result["files"] = write_summary(output_dir, result, _generation_markdown(result))
-    return result
+    timing = run_timing(start, len(jobs), len(records) * samples_per_prompt - len(jobs))
+    settings = dict(
+        settings,
+        feature_image_size=feature_image_size,
+        kid_subset_size=kid_subset_size,
+        kid_subsets=kid_subsets,
+        ms_ssim_scales=ms_ssim_scales,
+    )
+    return save_result(
+        output_dir, _generation_markdown, "generation", settings, metrics, data_report.to_dict(), timing, store.path,
+        GENERATION_DEFINITIONS,
+    )
 
 
 __all__ = ["GENERATION_DEFINITIONS", "score_generation", "evaluate_generation"]

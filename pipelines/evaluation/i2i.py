@@ -8,16 +8,21 @@ from collections import defaultdict
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
-from modeling_unimedvl.atomic_files import save_image
-
-from ..medical_images import ImageLoadError, open_image_file
+from ..medical_images import open_image_file
 from .image_metrics import psnr_ssim
-from .predictions import PredictionStore, file_stem, open_run
+from .predictions import PredictionStore, prediction_images_folder, save_prediction_image
 from .records import load_i2i_records
-from .runner import generate_images, in_batches, item_seed, model_for_run, open_rgb, run_device_dtype
-from .summary import format_value, input_and_timing_lines, markdown_table, write_summary
+from .runner import (
+    generate_images,
+    item_seed,
+    kept_predictions,
+    model_for_run,
+    progress_batches,
+    readable_images,
+    start_run,
+)
+from .summary import format_value, input_and_timing_lines, markdown_table, run_timing, save_result
 
 I2I_CONVENTION = (
     "PSNR / SSIM per image on 8-bit values (data_range 255), averaged over images (mean of per-image PSNR); SSIM = "
@@ -134,7 +139,6 @@ def evaluate_i2i(
     """
     start = time.perf_counter()
     records, data_report = load_i2i_records(data, image_dir, limit)
-    _, torch_dtype = run_device_dtype(model, device, dtype)
     sampling = {
         "num_inference_steps": num_inference_steps,
         "cfg_text_scale": cfg_text_scale,
@@ -145,32 +149,14 @@ def evaluate_i2i(
         "timestep_shift": timestep_shift,
         "vae_encode": vae_encode,
     }
-    settings = dict(
-        sampling,
-        task="i2i",
-        checkpoint=os.path.abspath(checkpoint),
-        data=os.path.abspath(data),
-        seed=seed,
-        dtype=str(torch_dtype),
-    )
-    store = open_run(output_dir, settings, overwrite)
-    image_folder = os.path.join(output_dir, "images")
-    os.makedirs(image_folder, exist_ok=True)
-    todo = [
-        record
-        for record in records
-        if record["id"] not in store or not os.path.isfile(store.items[record["id"]]["generated"])
-    ]
+    fields = dict(sampling, seed=seed)
+    settings, store = start_run("i2i", checkpoint, data, output_dir, fields, model, device, dtype, overwrite)
+    image_folder = prediction_images_folder(output_dir)
+    todo = [record for record in records if not store.finished(record["id"], "generated")]
     model, processor = model_for_run(model, processor, todo, checkpoint, device, dtype)
-    sampling["cfg_interval"] = tuple(cfg_interval)
-    for batch in tqdm(in_batches(todo, batch_size), desc="Image-to-image", unit="batch", disable=not progress):
+    for batch in progress_batches(todo, batch_size, "Image-to-image", progress):
         by_size = defaultdict(list)
-        for record in batch:
-            try:
-                source = open_rgb(record["image"])
-            except (ImageLoadError, OSError) as error:
-                data_report.skip("unreadable_image", f"{record['image']} ({error})")
-                continue
+        for record, (source,) in readable_images(batch, "image", data_report):
             by_size[source.size].append((record, source))
         for group in by_size.values():
             seeds = [item_seed(seed, record["id"]) for record, _ in group]
@@ -184,24 +170,13 @@ def evaluate_i2i(
             )
             rows = []
             for (record, _), image in zip(group, outputs):
-                path = os.path.join(image_folder, f"{file_stem(record['id'])}.png")
-                save_image(image, path)
-                rows.append(dict(record, generated=path))
+                rows.append(dict(record, generated=save_prediction_image(image, image_folder, record["id"])))
             store.add(rows)
-    items = [store.items[record["id"]] for record in records if record["id"] in store]
-    data_report.rows_kept = len(items)
-    result = {
-        "task": "i2i",
-        "checkpoint": settings["checkpoint"],
-        "data": settings["data"],
-        "settings": dict(settings, crop_border=crop_border),
-        "metrics": score_i2i_pairs(items, crop_border),
-        "input": data_report.to_dict(),
-        "timing": {"wall_s": time.perf_counter() - start, "generated": len(todo), "resumed": len(records) - len(todo)},
-        "predictions": store.path,
-    }
-    result["files"] = write_summary(output_dir, result, _i2i_markdown(result))
-    return result
+    items = kept_predictions(store, records, data_report)
+    metrics = score_i2i_pairs(items, crop_border)
+    timing = run_timing(start, len(todo), len(records) - len(todo))
+    settings = dict(settings, crop_border=crop_border)
+    return save_result(output_dir, _i2i_markdown, "i2i", settings, metrics, data_report.to_dict(), timing, store.path)
 
 
 def rescore_i2i(predictions_path: str, output_dir: str | None = None, crop_border: int = 0) -> dict:
@@ -209,20 +184,13 @@ def rescore_i2i(predictions_path: str, output_dir: str | None = None, crop_borde
     start = time.perf_counter()
     store = PredictionStore(predictions_path)
     items = list(store.items.values())
-    result = {
-        "task": "i2i",
-        "checkpoint": "as recorded",
-        "data": predictions_path,
-        "settings": {"crop_border": crop_border},
-        "metrics": score_i2i_pairs(items, crop_border),
-        "input": store.input_report(),
-        "timing": {"wall_s": time.perf_counter() - start, "generated": 0, "resumed": len(items)},
-        "predictions": predictions_path,
-    }
-    result["files"] = write_summary(
-        output_dir or os.path.dirname(os.path.abspath(predictions_path)), result, _i2i_markdown(result)
+    metrics = score_i2i_pairs(items, crop_border)
+    timing = run_timing(start, 0, len(items))
+    output_dir = output_dir or os.path.dirname(os.path.abspath(predictions_path))
+    return save_result(
+        output_dir, _i2i_markdown, "i2i", {"crop_border": crop_border}, metrics, store.input_report(), timing,
+        predictions_path, checkpoint="as recorded", data=predictions_path,
     )
-    return result
 
 
 __all__ = ["I2I_CONVENTION", "score_i2i_pairs", "evaluate_i2i", "rescore_i2i"]

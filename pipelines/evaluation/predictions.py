@@ -8,12 +8,13 @@ newline before the next append and skipped when read. `run_config.json` is writt
 import json
 import os
 
-from modeling_unimedvl.atomic_files import append_lines, write_json
+from modeling_unimedvl.atomic_files import append_lines, save_image, write_json
 from modeling_unimedvl.loading_checks import read_json_object
 from modeling_unimedvl.safetensors_reader import CheckpointError
 
 RUN_CONFIG_NAME = "run_config.json"
 PREDICTIONS_NAME = "predictions.jsonl"
+IMAGES_FOLDER = "images"
 
 
 class PredictionStore:
@@ -61,6 +62,12 @@ class PredictionStore:
     def __contains__(self, item_id: str) -> bool:
         return str(item_id) in self.items
 
+    def finished(self, item_id: str, file_key: str | None = None) -> bool:
+        """Whether `item_id` has a prediction and, with `file_key`, the file its prediction names under that key
+        still exists (a generated image deleted since is made again)."""
+        item = self.items.get(str(item_id))
+        return item is not None and (file_key is None or os.path.isfile(item[file_key]))
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -86,6 +93,21 @@ class PredictionStore:
 def file_stem(item_id: str) -> str:
     """A file-name-safe version of an item id (characters other than letters, digits, `-_.` become `_`)."""
     return "".join(char if char.isalnum() or char in "-_." else "_" for char in str(item_id))
+
+
+def prediction_images_folder(output_dir: str) -> str:
+    """`output_dir/images`, created when missing: the folder of the images a generation run writes."""
+    folder = os.path.join(output_dir, IMAGES_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def save_prediction_image(image, folder: str, item_id: str) -> str:
+    """Writes the PIL `image` of prediction `item_id` atomically as `folder/<file_stem(item_id)>.png`; returns that
+    path."""
+    path = os.path.join(folder, f"{file_stem(item_id)}.png")
+    save_image(image, path)
+    return path
 
 
 def load_run_config(folder: str) -> dict:
@@ -128,4 +150,14 @@ def open_run(output_dir: str, config: dict, overwrite: bool = False) -> Predicti
     return PredictionStore(predictions_path)
 
 
-__all__ = ["PredictionStore", "file_stem", "load_run_config", "open_run", "RUN_CONFIG_NAME", "PREDICTIONS_NAME"]
+__all__ = [
+    "PredictionStore",
+    "file_stem",
+    "prediction_images_folder",
+    "save_prediction_image",
+    "load_run_config",
+    "open_run",
+    "RUN_CONFIG_NAME",
+    "PREDICTIONS_NAME",
+    "IMAGES_FOLDER",
+]

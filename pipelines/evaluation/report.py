@@ -4,13 +4,11 @@ import os
 import time
 
 import torch
-from tqdm.auto import tqdm
 
-from ..medical_images import ImageLoadError
-from .predictions import PredictionStore, load_run_config, open_run
+from .predictions import PredictionStore, load_run_config
 from .records import load_report_records
-from .runner import generate_answers, in_batches, model_for_run, open_rgb, run_device_dtype
-from .summary import format_value, input_and_timing_lines, markdown_table, write_summary
+from .runner import answer_records, kept_predictions, model_for_run, start_run
+from .summary import format_value, input_and_timing_lines, markdown_table, run_timing, save_result
 from .text_metrics import score_reports
 
 DEFAULT_REPORT_PROMPT = "Describe the findings of this medical image."
@@ -76,57 +74,32 @@ def evaluate_report(
     CIDEr-D and METEOR (when a local WordNet exists) and writes `metrics.json` / `summary.md`."""
     start = time.perf_counter()
     records, data_report = load_report_records(data, image_dir, max_images=max_images, limit=limit)
-    _, torch_dtype = run_device_dtype(model, device, dtype)
-    settings = {
-        "task": "report",
-        "checkpoint": os.path.abspath(checkpoint),
-        "data": os.path.abspath(data),
-        "prompt": prompt,
-        "max_new_tokens": max_new_tokens,
-        "max_images": max_images,
-        "seed": seed,
-        "dtype": str(torch_dtype),
-    }
-    store = open_run(output_dir, settings, overwrite)
-    todo = [record for record in records if record["id"] not in store]
-    resumed = len(records) - len(todo)
+    fields = {"prompt": prompt, "max_new_tokens": max_new_tokens, "max_images": max_images, "seed": seed}
+    settings, store = start_run("report", checkpoint, data, output_dir, fields, model, device, dtype, overwrite)
+    todo = [record for record in records if not store.finished(record["id"])]
     torch.manual_seed(seed)
     model, processor = model_for_run(model, processor, todo, checkpoint, device, dtype)
-    for batch in tqdm(in_batches(todo, batch_size), desc="Reports", unit="batch", disable=not progress):
-        readable = []
-        for record in batch:
-            try:
-                readable.append((record, [open_rgb(path) for path in record["images"]]))
-            except (ImageLoadError, OSError) as error:
-                data_report.skip("unreadable_image", f"{record['images']} ({error})")
-        if not readable:
-            continue
-        reports = generate_answers(
-            model, processor, [images for _, images in readable], [prompt] * len(readable), max_new_tokens
-        )
-        store.add([dict(record, prediction=report) for (record, _), report in zip(readable, reports)])
-    scored = [store.items[record["id"]] for record in records if record["id"] in store]
-    data_report.rows_kept = len(scored)
-    return _finish(
-        output_dir, settings, scored, wordnet_dir, data_report.to_dict(), start, len(todo), resumed, store.path
+    answer_records(
+        model, processor, store, todo, data_report, "images", lambda _: prompt, max_new_tokens, batch_size, "Reports",
+        progress,
+    )
+    scored = kept_predictions(store, records, data_report)
+    return _score_and_save(
+        output_dir, settings, scored, wordnet_dir, data_report.to_dict(), start, len(todo), len(records) - len(todo),
+        store.path,
     )
 
 
-def _finish(output_dir, settings, items, wordnet_dir, data_report, start, generated, resumed, predictions_path) -> dict:
+def _score_and_save(
+    output_dir, settings, items, wordnet_dir, input_report, start, generated, resumed, predictions
+) -> dict:
+    """Scores the report rows `items` (`prediction`, `report`) and saves the result (`summary.save_result`)."""
     metrics = score_reports([item["prediction"] for item in items], [item["report"] for item in items], wordnet_dir)
-    result = {
-        "task": "report",
-        "checkpoint": settings["checkpoint"],
-        "data": settings["data"],
-        "settings": settings,
-        "metrics": metrics,
-        "definitions": dict(REPORT_DEFINITIONS, tokenisation=TOKENISATION),
-        "input": data_report,
-        "timing": {"wall_s": time.perf_counter() - start, "generated": generated, "resumed": resumed},
-        "predictions": predictions_path,
-    }
-    result["files"] = write_summary(output_dir, result, _report_markdown(result))
-    return result
+    timing = run_timing(start, generated, resumed)
+    definitions = dict(REPORT_DEFINITIONS, tokenisation=TOKENISATION)
+    return save_result(
+        output_dir, _report_markdown, "report", settings, metrics, input_report, timing, predictions, definitions
+    )
 
 
 def rescore_report(predictions_path: str, output_dir: str | None = None, wordnet_dir: str | None = None) -> dict:
@@ -134,11 +107,12 @@ def rescore_report(predictions_path: str, output_dir: str | None = None, wordnet
     start = time.perf_counter()
     store = PredictionStore(predictions_path)
     items = list(store.items.values())
-    data_report = store.input_report()
     settings = {"checkpoint": "unknown", "prompt": "unknown", "max_new_tokens": "unknown"}
     settings.update(load_run_config(os.path.dirname(os.path.abspath(predictions_path))), data=predictions_path)
     output_dir = output_dir or os.path.dirname(os.path.abspath(predictions_path))
-    return _finish(output_dir, settings, items, wordnet_dir, data_report, start, 0, len(items), predictions_path)
+    return _score_and_save(
+        output_dir, settings, items, wordnet_dir, store.input_report(), start, 0, len(items), predictions_path
+    )
 
 
 __all__ = ["DEFAULT_REPORT_PROMPT", "REPORT_DEFINITIONS", "evaluate_report", "rescore_report"]

@@ -2,6 +2,7 @@
 
 import math
 import os
+import time
 
 from modeling_unimedvl.atomic_files import write_json, write_text
 
@@ -63,4 +64,60 @@ def write_summary(output_dir: str, result: dict, markdown: str) -> dict:
     return paths
 
 
-__all__ = ["METRICS_NAME", "SUMMARY_NAME", "format_value", "markdown_table", "input_section", "input_and_timing_lines", "write_summary"]
+def run_timing(started: float, generated: int, resumed: int) -> dict:
+    """The `timing` of a result: wall seconds since `started` (a `time.perf_counter()` value), the items `generated`
+    this run and those `resumed` from the predictions file."""
+    return {"wall_s": time.perf_counter() - started, "generated": generated, "resumed": resumed}
+
+
+def save_result(
+    output_dir: str,
+    summarise,
+    task: str,
+    settings: dict,
+    metrics: dict,
+    input_report: dict,
+    timing: dict,
+    predictions: str,
+    definitions: dict | None = None,
+    checkpoint: str | None = None,
+    data: str | None = None,
+) -> dict:
+    """The result of an evaluation run, written as `metrics.json` beside its `summary.md` (`write_summary`).
+
+    Args:
+        summarise: `summarise(result) -> str`, the task's Markdown summary of the result.
+        input_report: `InputReport.to_dict()` of the data read (or `PredictionStore.input_report()` when re-scoring).
+        timing: `run_timing(...)`.
+        predictions: path of the run's `predictions.jsonl`.
+        definitions: the metrics' definitions; no `definitions` entry when None.
+        checkpoint, data: default to `settings["checkpoint"]` and `settings["data"]`.
+    Returns:
+        `{task, checkpoint, data, settings, metrics, [definitions,] input, timing, predictions, files}`, `files` being
+        the two paths written.
+    """
+    result = {
+        "task": task,
+        "checkpoint": settings["checkpoint"] if checkpoint is None else checkpoint,
+        "data": settings["data"] if data is None else data,
+        "settings": settings,
+        "metrics": metrics,
+    }
+    if definitions is not None:
+        result["definitions"] = definitions
+    result.update(input=input_report, timing=timing, predictions=predictions)
+    result["files"] = write_summary(output_dir, result, summarise(result))
+    return result
+
+
+__all__ = [
+    "METRICS_NAME",
+    "SUMMARY_NAME",
+    "format_value",
+    "markdown_table",
+    "input_section",
+    "input_and_timing_lines",
+    "write_summary",
+    "run_timing",
+    "save_result",
+]

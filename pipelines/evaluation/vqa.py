@@ -4,13 +4,11 @@ import os
 import time
 
 import torch
-from tqdm.auto import tqdm
 
-from ..medical_images import ImageLoadError
-from .predictions import PredictionStore, load_run_config, open_run
+from .predictions import PredictionStore, load_run_config
 from .records import load_vqa_records
-from .runner import generate_answers, in_batches, model_for_run, open_rgb, run_device_dtype
-from .summary import format_value, input_and_timing_lines, markdown_table, write_summary
+from .runner import answer_records, kept_predictions, model_for_run, start_run
+from .summary import format_value, input_and_timing_lines, markdown_table, run_timing, save_result
 from .vqa_scoring import aggregate_vqa_scores
 
 DEFAULT_VQA_PROMPT = "{question}"
@@ -106,48 +104,24 @@ def evaluate_vqa(
     """
     start = time.perf_counter()
     records, data_report = load_vqa_records(data, image_dir, limit)
-    _, torch_dtype = run_device_dtype(model, device, dtype)
-    settings = {
-        "task": "vqa",
-        "checkpoint": os.path.abspath(checkpoint),
-        "data": os.path.abspath(data),
-        "prompt_template": prompt_template,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
-        "dtype": str(torch_dtype),
-    }
-    store = open_run(output_dir, settings, overwrite)
-    todo = [record for record in records if record["id"] not in store]
-    resumed = len(records) - len(todo)
+    fields = {"prompt_template": prompt_template, "max_new_tokens": max_new_tokens, "seed": seed}
+    settings, store = start_run("vqa", checkpoint, data, output_dir, fields, model, device, dtype, overwrite)
+    todo = [record for record in records if not store.finished(record["id"])]
     torch.manual_seed(seed)
     model, processor = model_for_run(model, processor, todo, checkpoint, device, dtype)
-    for batch in tqdm(in_batches(todo, batch_size), desc="VQA", unit="batch", disable=not progress):
-        readable = []
-        for record in batch:
-            try:
-                readable.append((record, open_rgb(record["image"])))
-            except (ImageLoadError, OSError) as error:
-                data_report.skip("unreadable_image", f"{record['image']} ({error})")
-        if not readable:
-            continue
-        prompts = [prompt_template.format(question=record["question"]) for record, _ in readable]
-        answers = generate_answers(model, processor, [[image] for _, image in readable], prompts, max_new_tokens)
-        store.add([dict(record, prediction=answer) for (record, _), answer in zip(readable, answers)])
-    scored = [store.items[record["id"]] for record in records if record["id"] in store]
-    data_report.rows_kept = len(scored)
-    result = {
-        "task": "vqa",
-        "checkpoint": settings["checkpoint"],
-        "data": settings["data"],
-        "settings": settings,
-        "metrics": score_vqa_predictions(scored),
-        "definitions": VQA_DEFINITIONS,
-        "input": data_report.to_dict(),
-        "timing": {"wall_s": time.perf_counter() - start, "generated": len(todo), "resumed": resumed},
-        "predictions": store.path,
-    }
-    result["files"] = write_summary(output_dir, result, _vqa_markdown(result))
-    return result
+
+    def prompt_of(record: dict) -> str:
+        return prompt_template.format(question=record["question"])
+
+    answer_records(
+        model, processor, store, todo, data_report, "image", prompt_of, max_new_tokens, batch_size, "VQA", progress
+    )
+    scored = kept_predictions(store, records, data_report)
+    metrics = score_vqa_predictions(scored)
+    timing = run_timing(start, len(todo), len(records) - len(todo))
+    return save_result(
+        output_dir, _vqa_markdown, "vqa", settings, metrics, data_report.to_dict(), timing, store.path, VQA_DEFINITIONS
+    )
 
 
 def rescore_vqa(predictions_path: str, output_dir: str | None = None) -> dict:
@@ -160,21 +134,13 @@ def rescore_vqa(predictions_path: str, output_dir: str | None = None) -> dict:
     items = list(store.items.values())
     settings = {"checkpoint": "unknown", "max_new_tokens": "unknown", "prompt_template": "unknown"}
     settings.update(load_run_config(os.path.dirname(os.path.abspath(predictions_path))))
-    result = {
-        "task": "vqa",
-        "checkpoint": settings["checkpoint"],
-        "data": predictions_path,
-        "settings": settings,
-        "metrics": score_vqa_predictions(items),
-        "definitions": VQA_DEFINITIONS,
-        "input": store.input_report(),
-        "timing": {"wall_s": time.perf_counter() - start, "generated": 0, "resumed": len(items)},
-        "predictions": predictions_path,
-    }
-    result["files"] = write_summary(
-        output_dir or os.path.dirname(os.path.abspath(predictions_path)), result, _vqa_markdown(result)
+    metrics = score_vqa_predictions(items)
+    timing = run_timing(start, 0, len(items))
+    output_dir = output_dir or os.path.dirname(os.path.abspath(predictions_path))
+    return save_result(
+        output_dir, _vqa_markdown, "vqa", settings, metrics, store.input_report(), timing, predictions_path,
+        VQA_DEFINITIONS, data=predictions_path,
     )
-    return result
 
 
 __all__ = ["DEFAULT_VQA_PROMPT", "VQA_DEFINITIONS", "evaluate_vqa", "rescore_vqa", "score_vqa_predictions"]
