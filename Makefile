@@ -8,7 +8,8 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 PYTEST_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false
 LOWEST_TESTS := tests/test_parity.py tests/test_modeling.py tests/test_pipelines.py \
-	tests/test_pipelines_image_text_to_text.py tests/test_training_trainer.py tests/test_training_lora.py
+	tests/test_pipelines_image_text_to_text.py tests/test_training_trainer.py tests/test_training_lora.py \
+	tests/test_compile.py
 
 .PHONY: install test test-all test-lowest test-latest lock quickstart clean
 

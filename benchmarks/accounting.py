@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
+from modeling_unimedvl.sampling_unimedvl import denoising_schedule
+
 
 @dataclass(frozen=True)
 class ModelGeometry:
@@ -198,15 +200,9 @@ def flow_step(geometry: ModelGeometry, latent_tokens: int, contexts: list[int], 
 
 
 def flow_schedule(num_inference_steps: int, shift: float, cfg_interval: tuple[float, float], use_text: bool, use_image: bool) -> list[int]:
-    """Branches (model rows per image) of every Euler step, following the model's BAGEL schedule exactly."""
+    """Branches (model rows per image) of every Euler step: the model's own schedule (`denoising_schedule`)."""
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps(sigmas=torch.linspace(1, 0, num_inference_steps)[:-1].tolist())
-    branches = []
-    for step in range(len(scheduler.timesteps)):
-        sigma = float(scheduler.sigmas[step])
-        inside = cfg_interval[0] < sigma <= cfg_interval[1]
-        branches.append(1 + (use_text and inside) + (use_text and use_image and inside))
-    return branches
+    return list(denoising_schedule(scheduler, num_inference_steps, cfg_interval, use_text, use_image).branches)
 
 
 def training_flops(geometry: ModelGeometry, row_lengths: list[int], image_tokens: list[int], latent_tokens: int) -> float:

@@ -64,22 +64,33 @@ def training_config(vision_layers: int = 26) -> UniMedVLConfig:
     )
 
 
-def tiny_config() -> UniMedVLConfig:
-    """A few-hundred-thousand-parameter model of the same architecture for CPU smoke runs."""
+TINY_DEPTHS = {"tiny": (2, 2), "full": (QWEN25_7B["num_hidden_layers"], SIGLIP_SO400M["num_hidden_layers"])}
+"""Decoder and ViT layers of the tiny-width model: `tiny` for smoke runs, `full` the release's depth (28 decoder, 26
+ViT layers), the CPU proxy of the per-step overheads (kernel launches, host synchronisations) that decide GPU speed."""
+
+
+def tiny_config(depth: str = "tiny") -> UniMedVLConfig:
+    """A model of the same architecture at tiny width (hidden 64) for CPU runs, `depth` from `TINY_DEPTHS`."""
+    if depth not in TINY_DEPTHS:
+        raise ValueError(f"depth must be one of {sorted(TINY_DEPTHS)}, got {depth!r}.")
+    decoder_layers, vision_layers = TINY_DEPTHS[depth]
     return UniMedVLConfig(
         text_config=dict(
             model_type="qwen2",
             vocab_size=640,
             hidden_size=64,
             intermediate_size=128,
-            num_hidden_layers=2,
+            num_hidden_layers=decoder_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
         ),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=980, patch_size=14),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=2, image_size=980,
+            patch_size=14,
+        ),
         vae_config=dict(FLUX_VAE_CONFIG, block_out_channels=[32, 64, 128, 128], layers_per_block=1),
         **TINY_TOKEN_IDS,
     )
 
 
-__all__ = ["QWEN25_15B", "QWEN25_7B", "SIGLIP_SO400M", "full_size_config", "tiny_config", "training_config"]
+__all__ = ["QWEN25_15B", "QWEN25_7B", "SIGLIP_SO400M", "TINY_DEPTHS", "full_size_config", "tiny_config", "training_config"]

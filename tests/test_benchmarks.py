@@ -228,3 +228,68 @@ def test_decode_tokens_below_two_is_rejected(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--tiny", "--decode-tokens", "1"])
     assert "--decode-tokens must be at least 2" in capsys.readouterr().err
+
+
+def test_step_rows_prove_one_graph_and_no_host_synchronisation(tmp_path):
+    """`--only decode_step denoise_step`: the static-cache decode step and the denoising step are one graph without
+    breaks, compiled and eager agree, and neither step reads anything back to the host (the decode loop reads one
+    value per token: transformers' stop check)."""
+    output = tmp_path / "steps.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_inference", "--tiny", "--only", "decode_step", "denoise_step",
+         "--variants", "eager", "compiled", "--compile-backend", "eager", "--step-size", "64", "--output", str(output)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = {(r["name"], r["variant"]): r for r in map(json.loads, output.read_text().splitlines()) if "variant" in r}
+    assert set(rows) == {("decode_step", v) for v in ("eager", "static", "compiled")} | {
+        ("denoise_step", v) for v in ("eager", "compiled")
+    }
+    static, compiled = rows["decode_step", "static"], rows["decode_step", "compiled"]
+    assert (static["graphs"], static["graph_breaks"], static["forward_host_syncs"]) == (1, 0, 0)
+    assert compiled["forward_host_syncs"] == 0 and compiled["loop_sync_kinds_per_token"] == {"aten::is_nonzero": 1.0}
+    assert all(rows["decode_step", v]["tokens_equal_eager"] for v in ("eager", "static", "compiled"))
+    eager_step = rows["denoise_step", "eager"]
+    assert (eager_step["graphs"], eager_step["graph_breaks"], eager_step["step_host_syncs"]) == (1, 0, 0)
+    assert rows["denoise_step", "compiled"]["loop_host_syncs_per_step"] == 0
+    assert rows["denoise_step", "compiled"]["latents_max_abs_diff_to_eager"] <= 1e-5
+    for row in rows.values():
+        assert row.get("ms_per_token", row.get("ms_per_step")) > 0
+
+
+def test_gpu_script_dry_run_prints_every_phase_and_runs_nothing(tmp_path):
+    out = tmp_path / "gpu"
+    env = dict(os.environ, OUT=str(out))
+    completed = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--dry-run"], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    commands = [line for line in completed.stdout.splitlines() if line.startswith("+ [")]
+    assert len(commands) == 3
+    assert "--variants eager compiled" in commands[0] and "--only decode image_to_image text_to_image prefill" in commands[0]
+    assert "--quantization nf4" in commands[1] and f"{out}/nf4.jsonl" in commands[1]
+    assert "benchmarks.gpu_summary" in commands[2] and f"{out}/summary.jsonl" in commands[2]
+    assert sorted(path.name for path in out.iterdir()) == []  # nothing ran
+
+
+def test_gpu_script_refuses_an_unknown_argument():
+    completed = subprocess.run(["bash", "benchmarks/run_gpu.sh", "--fast"], cwd=REPO_ROOT, capture_output=True,
+                               text=True, timeout=60)
+    assert completed.returncode == 2 and "unknown argument --fast" in completed.stderr
+
+
+def test_gpu_summary_keeps_what_a_phase_cut_short_had_written(tmp_path):
+    from benchmarks.gpu_summary import main as summarize_files
+
+    bf16 = tmp_path / "bf16.jsonl"
+    header = {"kind": "header", "machine": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "transformers": "5.23.0", "date": "d"}
+    timed = {"name": "decode_batch1_compiled", "seconds": 1.5, "limit_seconds": 1.2, "ratio": 0.8, "tokens_per_s": 170.7,
+             "original_h100": 9.5, "target": 170.0, "meets_target": True, "flops": 1.0}
+    memory = {"name": "peak_memory", "measured": 30.0, "limit": 27.6, "ratio": 0.92, "unit": "GiB"}
+    bf16.write_text("\n".join(json.dumps(r) for r in (header, timed, memory)) + '\n{"name": "text_to_ima')
+    lines = summarize_files([str(bf16), str(tmp_path / "nf4.jsonl"), "--output", str(tmp_path / "summary.jsonl")])
+    assert lines[0] == {"file": "bf16", "machine": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "transformers": "5.23.0", "date": "d"}
+    assert lines[1] == {"file": "bf16", **{k: v for k, v in timed.items() if k != "flops"}}
+    assert lines[2] == {"file": "bf16", **memory}
+    assert len(lines) == 3
+    assert [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()] == lines

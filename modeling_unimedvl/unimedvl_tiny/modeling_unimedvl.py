@@ -15,10 +15,27 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, Qwen2Config, SiglipVisionConfig
+from transformers import (
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.generation import CompileConfig
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    bidirectional_mask_function,
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_masks_for_generate,
+    eager_mask,
+    sdpa_mask,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -34,13 +51,17 @@ from transformers.utils import ModelOutput
 
 from .configuration_unimedvl import UniMedVLConfig
 from .loading_checks import checked_model_from_pretrained
+from .safetensors_reader import CheckpointError  # what loading raises; a direct import, so that remote-code
+# loaders which copy only a module's own relative imports (diffusers) bring this file along
 from .sampling_unimedvl import (
+    CfgGuidance,
+    DenoisingSchedule,
     check_finite_number,
     check_sampler_arguments,
     combine_cfg_velocity,
+    denoising_schedule,
     euler_step,
     generators_on,
-    guided_steps,
     initial_noise,
     vae_precision,
 )
@@ -64,14 +85,23 @@ def cast_to_compute_dtype(tensor: torch.Tensor, module: nn.Module) -> torch.Tens
 
 
 class TokenRouting:
-    """Flat indices of the understanding and generation tokens of a `[batch, seq]` block of hidden states."""
+    """Flat indices `[n_und]` / `[n_gen]` of the understanding and generation tokens of a `[batch, seq]` block of hidden
+    states; both `None` when every token is an understanding token. Build it once per chunk with `from_mask` (which
+    reads the mask's nonzero entries) or from precomputed indices (the denoising steps: no host synchronisation)."""
 
-    def __init__(self, gen_token_mask: torch.Tensor | None):
-        flat = gen_token_mask.reshape(-1) if gen_token_mask is not None else None
-        self.gen_index = flat.nonzero().squeeze(-1) if flat is not None else None
-        if self.gen_index is not None and self.gen_index.numel() == 0:
-            self.gen_index = None
-        self.und_index = (~flat).nonzero().squeeze(-1) if self.gen_index is not None else None
+    def __init__(self, und_index: torch.Tensor | None = None, gen_index: torch.Tensor | None = None):
+        self.und_index, self.gen_index = und_index, gen_index
+
+    @classmethod
+    def from_mask(cls, gen_token_mask: torch.Tensor | None) -> "TokenRouting":
+        """Routing of the latent tokens marked by `gen_token_mask` `[batch, seq]` (None: all understanding)."""
+        if gen_token_mask is None:
+            return cls()
+        flat = gen_token_mask.reshape(-1)
+        gen_index = flat.nonzero().squeeze(-1)
+        if gen_index.numel() == 0:
+            return cls()
+        return cls((~flat).nonzero().squeeze(-1), gen_index)
 
     def __call__(self, hidden_states: torch.Tensor, und_fn: Callable, gen_fn: Callable) -> torch.Tensor:
         """Applies `und_fn` to understanding tokens and `gen_fn` to generation tokens of `[batch, seq, ...]`."""
@@ -166,6 +196,112 @@ def cfg_context_masks(
     return index < torch.maximum(last_text, after_last_image), real & ~in_image
 
 
+def chunk_mask_function(
+    block_ids: torch.Tensor,
+    noise_mask: torch.Tensor,
+    q_offset: int | torch.Tensor,
+    sample_ids: torch.Tensor | None = None,
+) -> Callable:
+    """The attention pattern of a chunk of `q` new tokens (`block_ids`, `noise_mask`, `sample_ids`: `[batch, q]`)
+    appended after `q_offset` cached ones, as a `transformers.masking_utils` mask function `(batch_idx, head_idx,
+    q_idx, kv_idx) → visible` over absolute key positions. It only indexes tensors, so it broadcasts over index
+    tensors (SDPA / eager masks) and runs inside flex attention's block masks.
+
+    Cached tokens are visible to every new token (bottom-right causal alignment); among the new tokens, text is
+    causal, an image block sees itself entirely, and a noise block is invisible outside itself; `sample_ids` (packed
+    training rows) confine attention to one sample. Keys after the chunk (an unused static-cache tail) are hidden.
+    """
+    q_length = block_ids.shape[1]
+
+    def mask_function(batch_idx, head_idx, q_idx, kv_idx):
+        query = (q_idx - q_offset).clamp(0, q_length - 1)
+        key = kv_idx - q_offset
+        key_in_chunk = (key >= 0) & (key < q_length)
+        key = key.clamp(0, q_length - 1)
+        query_block = block_ids[batch_idx, query]
+        same_block = key_in_chunk & (query_block >= 0) & (query_block == block_ids[batch_idx, key])
+        visible = ((kv_idx <= q_idx) | same_block) & ~(key_in_chunk & noise_mask[batch_idx, key] & ~same_block)
+        if sample_ids is not None:
+            visible = visible & (~key_in_chunk | (sample_ids[batch_idx, query] == sample_ids[batch_idx, key]))
+        return visible
+
+    return mask_function
+
+
+def chunk_attention_mask(
+    config: PreTrainedConfig,
+    inputs_embeds: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    q_offset: int,
+    kv_length: int,
+    mask_function: Callable,
+):
+    """The attention mask of a chunk `inputs_embeds` `[batch, q, hidden]` appended after `q_offset` cached tokens, in the
+    form that `config`'s attention implementation takes (`masking_utils`' mask interface): boolean `[batch, 1, q,
+    kv_length]` for SDPA, additive float (0 / dtype min) for eager, a `BlockMask` for flex attention. `padding_mask`
+    `[batch, ≤ kv_length]` marks real tokens."""
+    implementation = config._attn_implementation
+    make_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation] if implementation in ALL_MASK_ATTENTION_FUNCTIONS else sdpa_mask
+    batch, q_length = inputs_embeds.shape[:2]
+    return make_mask(
+        batch_size=batch,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=0,
+        mask_function=mask_function,
+        attention_mask=padding_mask.bool() if padding_mask is not None else None,
+        allow_is_causal_skip=False,
+        dtype=inputs_embeds.dtype,
+        config=config,
+        use_vmap=False,
+        device=inputs_embeds.device,
+    )
+
+
+def key_padding_attention_mask(config: PreTrainedConfig, padding_mask: torch.Tensor, dtype: torch.dtype):
+    """The mask of a bidirectional sequence with padding `padding_mask` `[batch, length]` (1 = real; the ViT's packed
+    images): None without padding, so that SDPA uses its fused kernels; for SDPA and eager one additive row `[batch, 1,
+    1, length]` broadcast over the queries (nothing materialised per layer); for other implementations what
+    `masking_utils` builds for them (a flex `BlockMask`)."""
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return create_bidirectional_mask(config, padding_mask.new_empty(*padding_mask.shape, 0, dtype=dtype), padding_mask)
+    return eager_mask(
+        batch_size=padding_mask.shape[0],
+        q_length=1,
+        kv_length=padding_mask.shape[1],
+        mask_function=bidirectional_mask_function,
+        attention_mask=padding_mask.bool(),
+        allow_is_bidirectional_skip=True,
+        dtype=dtype,
+        device=padding_mask.device,
+    )
+
+
+@dataclass(frozen=True)
+class KeyPaddingGroups:
+    """The attention pattern of a block that sees every real key of a left-padded batch (the denoising block against
+    its guidance contexts), as row groups instead of a mask: `groups` holds `(first_row, end_row, first_key)` for runs
+    of rows with the same amount of left padding. Attention runs once per group on its keys from `first_key` on, with
+    no mask at all, so that SDPA (or flash / flex attention) uses its fused kernels."""
+
+    groups: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def from_padding(cls, padding_mask: torch.Tensor) -> "KeyPaddingGroups":
+        """Groups of a left-padded `padding_mask` `[rows, kv_length]` (1 = real token); reads it on the host once."""
+        real = padding_mask.bool()
+        first_real = real.shape[1] - real.sum(dim=1)
+        if not bool((real == (torch.arange(real.shape[1], device=real.device) >= first_real[:, None])).all()):
+            raise ValueError("KeyPaddingGroups needs left padding: every row's real tokens must come last.")
+        starts, groups, first = first_real.tolist(), [], 0
+        for row in range(1, len(starts) + 1):
+            if row == len(starts) or starts[row] != starts[first]:
+                groups.append((first, row, starts[first]))
+                first = row
+        return cls(tuple(groups))
+
+
 def build_attention_mask(
     block_ids: torch.Tensor,
     noise_mask: torch.Tensor,
@@ -175,35 +311,71 @@ def build_attention_mask(
     dtype: torch.dtype,
     sample_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Additive attention mask `[batch, 1, q, kv_length]` of a chunk of `q` new tokens appended to `past_length` cached ones.
-
-    Cached tokens are visible to every new token (bottom-right causal alignment); among the new tokens, text is
-    causal, an image block sees itself entirely, and a noise block is invisible outside itself. `padding_mask`
-    `[batch, past_length + q]` (1 = real token) hides padding; keys beyond `past_length + q` (an unused static cache
-    tail) are hidden. `sample_ids` `[batch, q]` (packed training rows) confines attention to tokens of one sample.
-    """
-    batch, q_len = block_ids.shape
-    device = block_ids.device
-    index = torch.arange(q_len, device=device)
-    same_block = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
-    allowed = (index[:, None] >= index[None, :]) | same_block
-    allowed &= ~(noise_mask[:, None, :] & ~same_block)
-    if sample_ids is not None:
-        allowed &= sample_ids[:, :, None] == sample_ids[:, None, :]
-    allowed = torch.cat(
-        [
-            torch.ones(batch, q_len, past_length, dtype=torch.bool, device=device),
-            allowed,
-            torch.zeros(batch, q_len, kv_length - past_length - q_len, dtype=torch.bool, device=device),
-        ],
-        dim=-1,
+    """Additive attention mask `[batch, 1, q, kv_length]` (0 visible, dtype min hidden) of a chunk of `q` new tokens
+    appended to `past_length` cached ones: the dense form of [`chunk_mask_function`], with `padding_mask` `[batch,
+    ≤ kv_length]` (1 = real token); what the eager attention receives."""
+    batch, q_length = block_ids.shape
+    return eager_mask(
+        batch_size=batch,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=past_length,
+        mask_function=chunk_mask_function(block_ids, noise_mask, past_length, sample_ids),
+        attention_mask=padding_mask.bool() if padding_mask is not None else None,
+        dtype=dtype,
+        device=block_ids.device,
     )
-    if padding_mask is not None:
-        keys = padding_mask.bool()
-        keys = torch.nn.functional.pad(keys, (0, kv_length - keys.shape[-1]), value=False)
-        allowed &= keys[:, None, :]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class ReadOnlyContextLayer(CacheLayerMixin):
+    """A cache layer that holds fixed context keys and values `[batch, kv_heads, context, head_dim]` (None: no context):
+    `update` returns the context followed by the new chunk's keys and values without storing the chunk. The denoising
+    steps attend to the prefilled guidance contexts this way and never write their noisy block."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.is_initialized = keys is not None
+        if keys is not None:
+            self.device = keys.device
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Nothing to allocate: the context is given."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None:
+            return key_states, value_states
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class ReadOnlyContextCache(Cache):
+    """A cache of [`ReadOnlyContextLayer`]s: attends every chunk to a fixed context without writing the chunk."""
+
+    def __init__(self, layers: list[ReadOnlyContextLayer]):
+        super().__init__(layers=layers)
+
+    @classmethod
+    def from_cache(cls, cache: Cache, rows: int | None = None) -> "ReadOnlyContextCache":
+        """Views (no copy) of the first `rows` batch rows (all by default) of the filled positions of `cache`."""
+        length = int(cache.get_seq_length())
+        selected = slice(rows)
+
+        def context(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return tensor[selected, :, :length] if tensor is not None and tensor.dim() == 4 and length > 0 else None
+
+        return cls([ReadOnlyContextLayer(context(layer.keys), context(layer.values)) for layer in cache.layers])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -326,35 +498,31 @@ class UniMedVLAttention(nn.Module):
         hidden_states: torch.Tensor,
         routing: TokenRouting,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention_mask: "torch.Tensor | KeyPaddingGroups | None",
         cache: Cache | None = None,
-        update_cache: bool = True,
         float32_qk_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """`attention_mask` as the attention implementation takes it, or [`KeyPaddingGroups`] (rows attended in
+        groups, each to its real keys, without a mask)."""
         query, key, value = (self._project(hidden_states, routing, name) for name in ("q", "k", "v"))
         query, key = self._norm_and_rotate(query, key, routing, position_embeddings, float32_qk_mask)
         value = value.transpose(1, 2)
         if cache is not None:
-            if update_cache:
-                key, value = cache.update(key, value, self.layer_idx)
-            elif cache.get_seq_length(self.layer_idx) > 0:
-                layer = cache.layers[self.layer_idx]
-                key = torch.cat([layer.keys, key], dim=2)
-                value = torch.cat([layer.values, value], dim=2)
+            key, value = cache.update(key, value, self.layer_idx)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, _ = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        options = dict(dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+        if isinstance(attention_mask, KeyPaddingGroups):
+            attn_output = torch.cat(
+                [
+                    attention_interface(self, query[a:b], key[a:b, :, start:], value[a:b, :, start:], None, **options)[0]
+                    for a, b, start in attention_mask.groups
+                ]
+            )
+        else:
+            attn_output, _ = attention_interface(self, query, key, value, attention_mask, **options)
         attn_output = attn_output.reshape(*hidden_states.shape[:2], -1)
         return routing(attn_output, self.o_proj, self.o_proj_moe_gen)
 
@@ -376,16 +544,13 @@ class UniMedVLDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         routing: TokenRouting,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        update_cache: bool = True,
         **kwargs,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = routing(hidden_states, self.input_layernorm, self.input_layernorm_moe_gen)
-        hidden_states = self.self_attn(
-            hidden_states, routing, position_embeddings, attention_mask, cache, update_cache, **kwargs
-        )
+        hidden_states = self.self_attn(hidden_states, routing, position_embeddings, attention_mask, cache, **kwargs)
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = routing(hidden_states, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
@@ -409,7 +574,7 @@ class UniMedVLPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -448,8 +613,7 @@ class UniMedVLVisionModel(UniMedVLPreTrainedModel):
         padded = nn.utils.rnn.pad_sequence(sequences, batch_first=True)
         valid = nn.utils.rnn.pad_sequence([torch.ones(n, dtype=torch.bool) for n in lengths], batch_first=True)
         valid = valid.to(padded.device)
-        mask = torch.zeros(valid.shape, dtype=padded.dtype, device=padded.device)
-        mask = mask.masked_fill_(~valid, torch.finfo(padded.dtype).min)[:, None, None, :]
+        mask = key_padding_attention_mask(self.config, valid, padded.dtype)
         hidden_states = self.encoder(inputs_embeds=padded, attention_mask=mask).last_hidden_state
         return self.post_layernorm(hidden_states[valid])
 
@@ -473,21 +637,27 @@ class UniMedVLTextModel(UniMedVLPreTrainedModel):
     def forward(
         self,
         inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
         gen_token_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        update_cache: bool = True,
         latent_block_mask: torch.Tensor | None = None,
+        routing: TokenRouting | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """`inputs_embeds` `[batch, seq, hidden]`, 4-D additive `attention_mask`, `position_ids` `[batch, seq]`.
+        """`inputs_embeds` `[batch, seq, hidden]`, `attention_mask` as the attention implementation takes it (see
+        [`chunk_attention_mask`]), `position_ids` `[batch, seq]`; `gen_token_mask` `[batch, seq]` routes tokens to the
+        generation expert. `routing` (a [`TokenRouting`]) and `position_embeddings` (RoPE `(cos, sin)`) may be given
+        precomputed instead of `gen_token_mask` and `position_ids`.
 
         `latent_block_mask` `[batch, seq]` marks the tokens of latent (VAE) image blocks: in inference below float32
         their q/k norms and RoPE run in float32, as in the original's "gen" mode.
         """
-        routing = TokenRouting(gen_token_mask)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        if routing is None:
+            routing = TokenRouting.from_mask(gen_token_mask)
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         in_gen_mode = routing.gen_index is not None and not self.training and inputs_embeds.dtype != torch.float32
         float32_qk_mask = latent_block_mask if in_gen_mode else None
         hidden_states = inputs_embeds
@@ -498,7 +668,6 @@ class UniMedVLTextModel(UniMedVLPreTrainedModel):
                 position_embeddings,
                 attention_mask,
                 cache=cache,
-                update_cache=update_cache,
                 float32_qk_mask=float32_qk_mask,
                 **kwargs,
             )
@@ -553,10 +722,18 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         """Packed latent tokens `[num_tokens, 64]` (noised to `latent_timesteps` `[num_images]` ∈ [0, 1]) → `[num_tokens, hidden]`."""
         lengths = latent_grid_hw[:, 0] * latent_grid_hw[:, 1]
         timesteps = latent_timesteps.to(latents.device, torch.float32).repeat_interleave(lengths.to(latents.device))
-        time_embeds = self.time_embedder(cast_to_compute_dtype(self.time_proj(timesteps), self.time_embedder.linear_1))
         positions = grid_position_ids(latent_grid_hw, self.config.max_latent_size)
-        latent_embeds = self.vae2llm(cast_to_compute_dtype(latents, self.vae2llm))
-        return latent_embeds + time_embeds + self.latent_pos_embed(positions)
+        return self.noised_latent_embeddings(latents, self.timestep_embeddings(timesteps), self.latent_pos_embed(positions))
+
+    def timestep_embeddings(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Flow times `[n]` (float32, in [0, 1]) → embeddings `[n, hidden]`: sinusoidal projection, then the time MLP."""
+        return self.time_embedder(cast_to_compute_dtype(self.time_proj(timesteps), self.time_embedder.linear_1))
+
+    def noised_latent_embeddings(
+        self, latents: torch.Tensor, time_embeds: torch.Tensor, position_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Latent tokens `[..., 64]` plus their timestep and grid-position embeddings (broadcast to `[..., hidden]`)."""
+        return self.vae2llm(cast_to_compute_dtype(latents, self.vae2llm)) + time_embeds + position_embeds
 
     def encode_images(
         self,
@@ -648,18 +825,32 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
         may replace their embeddings. Images come as ViT patches (`pixel_values` `[num_patches, 3*p*p]`,
         `image_grid_hw`), as VAE pixels (`vae_pixel_values`, encoded clean with the posterior mean) or as latent tokens
         (`latents` `[num_tokens, 64]`, `latent_grid_hw`, `latent_timesteps`; a timestep > 0 makes a noise block).
-        `attention_mask` `[batch, past + seq]` marks real tokens. `update_cache=False` attends to the cache without
-        writing the chunk into it (denoising steps). `position_ids` are required after a non-empty cache.
-        `sample_ids` `[batch, seq]` mark the samples packed into one row (training without a cache): attention stays
-        inside a sample; pass each sample's own `position_ids`.
+        `attention_mask` `[batch, past + seq]` marks real tokens (or is the mask `generate` prepared for a decoding
+        step). `update_cache=False` attends to the cache without writing the chunk into it. `position_ids` are required
+        after a non-empty cache. `sample_ids` `[batch, seq]` mark the samples packed into one row (training without a
+        cache): attention stays inside a sample; pass each sample's own `position_ids`.
 
         Training passes `vae_pixel_values` with `latent_timesteps` `[num_images]` and `latent_noise` `[num_tokens, 64]`:
         the images are encoded here (posterior sample with `vae_sample=True`, else its mean) and noised to
         `(1 − t)·x_0 + t·ε`, so that sharded VAE weights (FSDP, ZeRO-3) are only used inside the forward; the clean
         latents come back as `clean_latents` for the flow-matching target `ε − x_0`.
+
+        A text decoding step (one token per row after a cache, with `position_ids` and no image inputs) takes a path
+        without data-dependent control flow or host synchronisation (see `_text_step`), so that it compiles as one
+        graph with a static cache.
         """
         cache = _cache_argument(cache, kwargs)
-        if sample_ids is not None and cache is not None and cache.get_seq_length() > 0:
+        if isinstance(attention_mask, dict):  # `generate`'s masks keyed by layer type: every layer is full attention
+            attention_mask = attention_mask["full_attention"]
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        image_inputs = (pixel_values, latents, vae_pixel_values)
+        if input_ids.shape[1] == 1 and cache is not None and update_cache and position_ids is not None and all(
+            inputs is None for inputs in image_inputs
+        ):
+            return self._text_step(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, **kwargs)
+        past_length = int(cache.get_seq_length()) if cache is not None else 0
+        if sample_ids is not None and past_length > 0:
             raise ValueError("`sample_ids` (packed samples) cannot be combined with a non-empty cache.")
         clean_latents = None
         if vae_pixel_values is not None and latents is None and (input_ids == self.config.latent_token_id).any():
@@ -671,52 +862,60 @@ class UniMedVLModel(UniMedVLPreTrainedModel):
                     raise ValueError(f"`latent_noise` has shape {tuple(latent_noise.shape)}, the latents {tuple(latents.shape)}.")
                 clean_latents = latents
                 latents = noise_latents(clean_latents, latent_noise, latent_timesteps, latent_grid_hw.prod(-1))
-        past_length = cache.get_seq_length() if cache is not None else 0
         noise = None
         if latent_timesteps is not None and (latent_timesteps > 0).any():
             noise = torch.zeros_like(input_ids, dtype=torch.bool)
             lengths = latent_grid_hw[:, 0] * latent_grid_hw[:, 1]
             per_token = (latent_timesteps > 0).to(input_ids.device).repeat_interleave(lengths.to(input_ids.device))
             noise[input_ids == self.config.latent_token_id] = per_token
-        # A text decoding step (one new token after a cache, no image inputs) routes to the understanding expert and
-        # embeds without looking for placeholders: no device-to-host synchronisation in the decoding loop.
-        text_step = past_length > 0 and input_ids.shape[1] == 1 and pixel_values is None and latents is None
         chunk_mask = attention_mask[:, past_length:] if attention_mask is not None else None
         structure = sequence_structure(input_ids, self.config, chunk_mask, noise)
-        gen_token_mask = None if text_step else structure.gen_token_mask
         if position_ids is None:
             if past_length > 0:
                 raise ValueError("`position_ids` are required when appending to a non-empty cache.")
             position_ids = structure.position_ids
-        if inputs_embeds is None and text_step:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        elif inputs_embeds is None:
+        if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(
                 input_ids, pixel_values, image_grid_hw, latents, latent_grid_hw, latent_timesteps
             )
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config.text_config)
-        kv_length = cache.get_mask_sizes(input_ids.shape[1], 0)[0] if cache is not None else input_ids.shape[1]
-        if not update_cache:
-            kv_length = past_length + input_ids.shape[1]
-        mask = build_attention_mask(
-            structure.block_ids, structure.noise_mask, attention_mask, past_length, kv_length, inputs_embeds.dtype, sample_ids
+        attended = cache if update_cache or cache is None else ReadOnlyContextCache.from_cache(cache)
+        kv_length = attended.get_mask_sizes(input_ids.shape[1], 0)[0] if attended is not None else input_ids.shape[1]
+        mask_function = chunk_mask_function(structure.block_ids, structure.noise_mask, past_length, sample_ids)
+        mask = chunk_attention_mask(
+            self.config.text_config, inputs_embeds, attention_mask, past_length, kv_length, mask_function
         )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
-            gen_token_mask=gen_token_mask,
-            cache=cache,
-            update_cache=update_cache,
+            gen_token_mask=structure.gen_token_mask,
+            cache=attended,
             latent_block_mask=structure.latent_block_mask,
             **kwargs,
         )
         return UniMedVLModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            gen_token_mask=gen_token_mask,
+            gen_token_mask=structure.gen_token_mask,
             clean_latents=clean_latents,
             **{CACHE_FIELD: cache if use_cache or not update_cache else None},
+        )
+
+    def _text_step(self, input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache, **kwargs):
+        """One text token per row after `cache`: embedded without looking for placeholders, routed to the
+        understanding expert, under the causal mask of `masking_utils` (which reads a static cache's length as a
+        tensor, or takes the mask `generate` prepared). No data-dependent Python control flow, no host
+        synchronisation."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        text_config = self.config.text_config
+        mask = create_causal_mask(
+            text_config, inputs_embeds, attention_mask, cache, position_ids, allow_is_causal_skip=False
+        )
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids, cache=cache, **kwargs
+        )
+        return UniMedVLModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state, **{CACHE_FIELD: cache if use_cache else None}
         )
 
 
@@ -781,6 +980,41 @@ class UniMedVLImageGenerationOutput(ModelOutput):
     images: torch.Tensor | list[torch.Tensor] | None = None
     latents: torch.Tensor | list[torch.Tensor] | None = None
     text: list[str] | None = None
+
+
+@dataclass
+class NoisyBlock:
+    """What a denoising step feeds the decoder for its `rows` guidance rows, built once per generation: read-only
+    views of the prefilled contexts (`cache`), the rows grouped by context padding (attention without a mask), the
+    routing of the block's `<|vision_start|>` / `<|vision_end|>` tokens to the understanding expert and of its latent
+    tokens to the generation expert, RoPE `(cos, sin)` `[rows, h·w + 2, head_dim]`, the float32 q/k-norm mask of a latent block
+    `[rows, h·w + 2]`, the embeddings of the two delimiters `[rows, 1, hidden]` and the latent grid's position
+    embeddings `[h·w, hidden]`."""
+
+    cache: ReadOnlyContextCache
+    attention_mask: KeyPaddingGroups
+    routing: TokenRouting
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    latent_block_mask: torch.Tensor
+    start_embeds: torch.Tensor
+    end_embeds: torch.Tensor
+    position_embeds: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the step reads from this block."""
+        context = [t for layer in self.cache.layers for t in (layer.keys, layer.values) if t is not None]
+        fixed = [self.latent_block_mask, self.start_embeds, self.end_embeds, self.position_embeds]
+        return context + [self.routing.und_index, self.routing.gen_index, *self.position_embeddings, *fixed]
+
+
+@dataclass
+class DenoisingPlan:
+    """The request-only inputs of every denoising step of one generation: the [`NoisyBlock`] per number of evaluated
+    rows, and per step its timestep embedding `[hidden]` and `(σ, σ_next)` (0-dim float32)."""
+
+    blocks: dict[int, NoisyBlock]
+    time_embeds: list[torch.Tensor]
+    sigmas: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin):
@@ -879,9 +1113,13 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             raise ValueError("UniMedVL generates from `input_ids` (built by UniMedVLProcessor), not from embeddings.")
         return sequence_structure(input_ids, self.config, model_kwargs.get("attention_mask")).position_ids
 
-    def create_masks_for_generate(self, attention_mask=None, **kwargs):
-        """The model builds its block masks itself from the 2-D padding mask."""
-        return attention_mask
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask=None, **kwargs):
+        """Masks that `generate` prepares outside the forward when the cache is compileable (a static cache): a
+        decoding step gets transformers' causal masks (sized for the static cache, so the compiled step keeps its
+        shapes); a prefill keeps the 2-D padding mask, from which the forward builds its image-block mask."""
+        if inputs_embeds.shape[1] != 1 or kwargs.get("is_first_iteration"):
+            return attention_mask
+        return create_masks_for_generate(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, is_first_iteration=False, **kwargs):
         """The library's preparation (it receives the cache under the name of the installed transformers); image
@@ -1008,6 +1246,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         decode: bool = True,
         callback_on_step_end: Callable | None = None,
         scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        compile_config: CompileConfig | None = None,
         **kwargs,
     ) -> UniMedVLImageGenerationOutput:
         """Generates one image per row of `input_ids` `[batch, seq]` by rectified flow with classifier-free guidance,
@@ -1042,11 +1281,20 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         `FlowMatchEulerDiscreteScheduler`, created if not given; a given `timestep_shift` is set on it).
         `callback_on_step_end(step, timestep, latents)` may return new latents.
 
+        Speed: the request decides everything but the latents, so positions, routing, masks, timestep embeddings and
+        which guidance branches each step evaluates are computed once ([`denoising_plan`]); each step
+        ([`denoising_step`]) then runs without host synchronisation. `compile_config` (a transformers `CompileConfig`)
+        compiles that step with `torch.compile(**compile_config.to_dict())`, e.g. `CompileConfig(fullgraph=True,
+        mode="reduce-overhead")` for CUDA graphs on a GPU; at most three graphs (one per number of evaluated
+        branches) are built per image size and batch.
+
         Returns `images` in [-1, 1] `[batch, 3, height, width]` in the VAE's dtype (`decode=False`: `None`), the final
         latent tokens `[batch, h·w, 64]` (float32) and the planning texts (think mode, else `None`).
         """
         if kwargs:
             raise TypeError(f"generate_image() got unexpected arguments: {sorted(kwargs)}")
+        if compile_config is not None and not isinstance(compile_config, CompileConfig):
+            raise TypeError(f"`compile_config` must be a transformers CompileConfig, got {type(compile_config).__name__}.")
         check_sampler_arguments(
             num_inference_steps, timestep_shift, cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min
         )
@@ -1093,6 +1341,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             "decode": decode,
             "callback_on_step_end": callback_on_step_end,
             "scheduler": scheduler,
+            "compile_config": compile_config,
         }
         sizes = self.output_sizes(height, width, input_ids, vae_pixel_values)
         if image_latents is not None and height is None:
@@ -1202,6 +1451,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         decode: bool,
         callback_on_step_end: Callable | None,
         scheduler: FlowMatchEulerDiscreteScheduler | None,
+        compile_config: CompileConfig | None,
     ) -> UniMedVLImageGenerationOutput:
         """[`generate_image`] for rows that share one output `size`."""
         config, device = self.config, self.device
@@ -1245,22 +1495,20 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0 if timestep_shift is None else timestep_shift)
         elif timestep_shift is not None:
             scheduler.set_shift(timestep_shift)
-        scheduler.set_timesteps(sigmas=torch.linspace(1, 0, num_inference_steps)[:-1].tolist(), device=device)
-        guided = guided_steps(scheduler.sigmas[:-1], cfg_interval)
-        use_text, use_image = cfg_text_scale > 1.0, cfg_text_scale > 1.0 and cfg_img_scale > 1.0
-        for step, timestep in enumerate(scheduler.timesteps):
-            sigma, sigma_next = scheduler.sigmas[step], scheduler.sigmas[step + 1]
-            branches = 1 + (use_text and guided[step]) + (use_image and guided[step])
-            velocity = self._flow_velocity(context, latents, float(sigma), branches, grid_h, grid_w)
-            v_cond, v_rest = velocity[:batch], velocity[batch:].split(batch)
-            v_text = v_rest[0] if branches > 1 else None
-            v_image = v_rest[1] if branches > 2 else None
-            velocity = combine_cfg_velocity(
-                v_cond, v_text, v_image, cfg_text_scale, cfg_img_scale, cfg_renorm_type, cfg_renorm_min
-            )
-            latents = euler_step(latents, velocity, sigma, sigma_next)
+        schedule = denoising_schedule(
+            scheduler, num_inference_steps, cfg_interval, cfg_text_scale > 1.0, cfg_img_scale > 1.0, device
+        )
+        plan = self.denoising_plan(context, grid_h, grid_w, schedule)
+        guidance = CfgGuidance(cfg_text_scale, cfg_img_scale, cfg_renorm_type, cfg_renorm_min)
+        step_function = self.denoising_step if compile_config is None else self._compiled_denoising_step(compile_config)
+        for step, rows in enumerate(schedule.branches):
+            if compile_config is not None:
+                torch.compiler.cudagraph_mark_step_begin()
+            latents = step_function(plan.blocks[rows * batch], latents, plan.time_embeds[step], *plan.sigmas[step], guidance)
+            if compile_config is not None:
+                latents = latents.clone()  # a CUDA-graph output is overwritten by the next replay
             if callback_on_step_end is not None:
-                latents = callback_on_step_end(step, timestep, latents)
+                latents = callback_on_step_end(step, schedule.timesteps[step], latents)
         images = self.decode_latents(latents, grid_h, grid_w) if decode else None
         return UniMedVLImageGenerationOutput(images=images, latents=latents, text=texts)
 
@@ -1282,34 +1530,109 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             self.model(input_ids=ids, attention_mask=mask, inputs_embeds=emb, cache=cache, use_cache=True)
         next_position = sequence_structure(ids, config, mask).next_position
         batch = input_ids.shape[0]
-        return {"caches": {3 * batch: cache}, "attention_mask": mask, "next_position": next_position, "batch": batch}
+        return {"cache": cache, "attention_mask": mask, "next_position": next_position, "batch": batch}
 
-    def _flow_velocity(self, context, latents, sigma, branches, grid_h, grid_w) -> torch.Tensor:
-        """Velocity `[branches * batch, h*w, 64]`, in the model's dtype, of the noisy latents `[batch, h*w, 64]` at time
-        `sigma` for the first `branches` contexts."""
-        config, batch = self.config, context["batch"]
-        rows = branches * batch
-        num_tokens = grid_h * grid_w
-        block = [config.vision_start_token_id] + [config.latent_token_id] * num_tokens + [config.vision_end_token_id]
-        block_ids = torch.tensor(block, device=latents.device).expand(rows, -1)
-        caches = context["caches"]
-        if rows not in caches:
-            caches[rows] = _select_cache_rows(caches[3 * batch], rows)
-        cache = caches[rows]
-        mask = torch.cat([context["attention_mask"][:rows], torch.ones_like(block_ids)], dim=1)
-        positions = context["next_position"][:rows, None].expand(rows, block_ids.shape[1])
-        grid = torch.tensor([[grid_h, grid_w]], device=latents.device).expand(rows, 2)
-        outputs = self.model(
-            input_ids=block_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            latents=latents.repeat(branches, 1, 1).reshape(rows * num_tokens, -1),
-            latent_grid_hw=grid,
-            latent_timesteps=torch.full((rows,), sigma, device=latents.device),
-            update_cache=False,
+    def denoising_plan(self, context: dict, grid_h: int, grid_w: int, schedule: DenoisingSchedule) -> "DenoisingPlan":
+        """Everything the denoising steps of one generation need that does not depend on the noisy latents, computed
+        once: per number of evaluated rows, the [`NoisyBlock`] against read-only views of the prefilled `context`
+        (from `_prefill_cfg_contexts`); per step, the timestep embedding `[hidden]` and `(σ, σ_next)`."""
+        model, config = self.model, self.config
+        device, batch = context["attention_mask"].device, context["batch"]
+        block_ids = torch.tensor([config.vision_start_token_id, config.vision_end_token_id], device=device)
+        start, end = model.get_input_embeddings()(block_ids)[:, None]
+        grid = torch.tensor([[grid_h, grid_w]], device=device)
+        position_embeds = model.latent_pos_embed(grid_position_ids(grid, config.max_latent_size))
+        blocks = {
+            rows * batch: self._noisy_block(context, rows * batch, start, end, position_embeds)
+            for rows in sorted(set(schedule.branches))
+        }
+        time_embeds = model.timestep_embeddings(schedule.sigmas[:-1])
+        sigmas = schedule.sigmas
+        return DenoisingPlan(
+            blocks=blocks,
+            time_embeds=[embed.clone() for embed in time_embeds],
+            sigmas=[(sigmas[step].clone(), sigmas[step + 1].clone()) for step in range(len(schedule.branches))],
         )
-        return self.llm2vae(cast_to_compute_dtype(outputs.last_hidden_state[:, 1:-1], self.llm2vae))
+
+    def _noisy_block(self, context: dict, rows: int, start, end, position_embeds) -> "NoisyBlock":
+        """The noisy block `[<|vision_start|>, h·w latents, <|vision_end|>]` of the first `rows` guidance rows: all its
+        tokens at each row's next RoPE position, attending to the row's context (padding hidden) and to itself."""
+        config, text_model = self.config, self.model.language_model
+        num_tokens = position_embeds.shape[0]
+        length = num_tokens + 2
+        padding = context["attention_mask"][:rows]
+        device = padding.device
+        start, end = start.expand(rows, 1, -1), end.expand(rows, 1, -1)
+        positions = context["next_position"][:rows, None].expand(rows, length)
+        mask = KeyPaddingGroups.from_padding(padding)
+        token_index = torch.arange(rows * length, device=device).view(rows, length)
+        block = NoisyBlock(
+            cache=ReadOnlyContextCache.from_cache(context["cache"], rows),
+            attention_mask=mask,
+            routing=TokenRouting(token_index[:, [0, -1]].reshape(-1), token_index[:, 1:-1].reshape(-1)),
+            position_embeddings=text_model.rotary_emb(start, positions),
+            latent_block_mask=torch.ones(rows, length, dtype=torch.bool, device=device),
+            start_embeds=start,
+            end_embeds=end,
+            position_embeds=position_embeds,
+        )
+        if device.type == "cuda":  # CUDA graphs keep these inputs in place instead of copying them at every replay
+            for tensor in block.tensors():
+                torch._dynamo.mark_static_address(tensor, guard=False)
+        return block
+
+    def denoising_step(
+        self,
+        block: "NoisyBlock",
+        latents: torch.Tensor,
+        time_embed: torch.Tensor,
+        sigma: torch.Tensor,
+        sigma_next: torch.Tensor,
+        guidance: CfgGuidance,
+    ) -> torch.Tensor:
+        """One step of the sampler: the velocity of the noisy `latents` `[batch, h·w, 64]` (float32) in the rows of
+        `block` (the full context, then the text- and image-guidance contexts that this step evaluates), their
+        guidance combination and the Euler step from `sigma` to `sigma_next` (0-dim float32); `time_embed` `[hidden]`
+        is the step's timestep embedding. Shapes are fixed by the request, and there is no data-dependent control flow
+        and no host synchronisation: it compiles as one graph (`torch.compile(fullgraph=True)`)."""
+        batch = latents.shape[0]
+        velocity = self._noisy_block_velocity(block, latents, time_embed).split(batch)
+        guided = combine_cfg_velocity(
+            velocity[0],
+            velocity[1] if len(velocity) > 1 else None,
+            velocity[2] if len(velocity) > 2 else None,
+            guidance.text_scale,
+            guidance.image_scale,
+            guidance.renorm_type,
+            guidance.renorm_min,
+        )
+        return euler_step(latents, guided, sigma, sigma_next)
+
+    def _noisy_block_velocity(self, block: "NoisyBlock", latents: torch.Tensor, time_embed: torch.Tensor) -> torch.Tensor:
+        """Velocity `[rows, h·w, 64]`, in the model's dtype, of `latents` `[batch, h·w, 64]` repeated over the rows of
+        `block`."""
+        rows = block.start_embeds.shape[0]
+        model = self.model
+        latent_embeds = model.noised_latent_embeddings(
+            latents.repeat(rows // latents.shape[0], 1, 1), time_embed, block.position_embeds
+        )
+        embeds = torch.cat([block.start_embeds, latent_embeds.to(block.start_embeds.dtype), block.end_embeds], dim=1)
+        hidden_states = model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=block.attention_mask,
+            cache=block.cache,
+            latent_block_mask=block.latent_block_mask,
+            routing=block.routing,
+            position_embeddings=block.position_embeddings,
+        ).last_hidden_state
+        return self.llm2vae(cast_to_compute_dtype(hidden_states[:, 1:-1], self.llm2vae))
+
+    def _compiled_denoising_step(self, compile_config: CompileConfig) -> Callable:
+        """`torch.compile(self.denoising_step, **compile_config.to_dict())`, kept while the configuration is the same."""
+        if getattr(self, "_denoising_step_compile_config", None) != compile_config:
+            self._denoising_step_compile_config = compile_config
+            self._compiled_denoising_step_call = torch.compile(self.denoising_step, **compile_config.to_dict())
+        return self._compiled_denoising_step_call
 
     def decode_latents(self, latents: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """Latent tokens `[batch, h*w, 64]` → images `[batch, 3, 16h, 16w]` in [-1, 1], in the VAE's dtype.
@@ -1343,15 +1666,6 @@ def _gather_left_padded(input_ids, embeds, keep):
             emb[row, length - n :] = embeds[row][keep[row]]
             mask[row, length - n :] = 1
     return ids, emb, mask
-
-
-def _select_cache_rows(cache: DynamicCache, rows: int) -> DynamicCache:
-    """A cache view holding the first `rows` batch rows of `cache` (no copy)."""
-    selected = DynamicCache()
-    for layer_idx, layer in enumerate(cache.layers):
-        if layer.is_initialized:
-            selected.update(layer.keys[:rows], layer.values[:rows], layer_idx)
-    return selected
 
 
 def _block_starts(input_ids: torch.Tensor, placeholder_id: int, config: UniMedVLConfig) -> torch.Tensor:
@@ -1417,6 +1731,7 @@ def original_generation_config(config: UniMedVLConfig) -> GenerationConfig:
 
 
 __all__ = [
+    "CheckpointError",
     "UniMedVLPreTrainedModel",
     "UniMedVLVisionModel",
     "UniMedVLTextModel",

@@ -22,6 +22,7 @@ the draws come from the global RNGs in the original's order: posterior, planning
 
 import contextlib
 import math
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
@@ -90,6 +91,46 @@ def guided_steps(sigmas: torch.Tensor, cfg_interval: tuple[float, float]) -> lis
     sigmas = sigmas.detach().to("cpu", torch.float32)
     low, high = (torch.tensor(float(bound), dtype=torch.float32) for bound in cfg_interval)
     return ((sigmas > low) & (sigmas <= high)).tolist()
+
+
+@dataclass(frozen=True)
+class DenoisingSchedule:
+    """Everything of the Euler loop that depends only on the request, computed once per generation: `sigmas`
+    `[steps + 1]` (float32, on the model's device; the last is 0), the scheduler's `timesteps` `[steps]` (what the
+    step callback receives) and `branches`, the guidance contexts evaluated at each step (1: the full context only;
+    2: and the text-guidance context; 3: and the image-guidance context)."""
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    branches: tuple[int, ...]
+
+
+def denoising_schedule(
+    scheduler,
+    num_inference_steps: int,
+    cfg_interval: tuple[float, float],
+    use_text: bool,
+    use_image: bool,
+    device: torch.device | str | None = None,
+) -> DenoisingSchedule:
+    """BAGEL's schedule on `scheduler` (a `FlowMatchEulerDiscreteScheduler`): `linspace(1, 0, num_inference_steps)`
+    shifted by the scheduler's shift, `num_inference_steps − 1` Euler steps. A step evaluates the text-guidance
+    branch when `use_text` (its scale is above 1) and its sigma lies in `cfg_interval` ([`guided_steps`]), and the
+    image-guidance branch when `use_image` as well. Reads the sigmas back to the host once, here."""
+    scheduler.set_timesteps(sigmas=torch.linspace(1, 0, num_inference_steps)[:-1].tolist(), device=device)
+    guided = guided_steps(scheduler.sigmas[:-1], cfg_interval)
+    branches = tuple(1 + int(use_text and inside) + int(use_text and use_image and inside) for inside in guided)
+    return DenoisingSchedule(scheduler.sigmas, scheduler.timesteps, branches)
+
+
+@dataclass(frozen=True)
+class CfgGuidance:
+    """The guidance settings of one generation, as [`combine_cfg_velocity`] takes them."""
+
+    text_scale: float
+    image_scale: float
+    renorm_type: str
+    renorm_min: float
 
 
 def combine_cfg_velocity(
@@ -190,6 +231,9 @@ __all__ = [
     "check_finite_number",
     "check_sampler_arguments",
     "guided_steps",
+    "CfgGuidance",
+    "DenoisingSchedule",
+    "denoising_schedule",
     "combine_cfg_velocity",
     "euler_step",
     "generators_on",
