@@ -1,16 +1,21 @@
-"""Keeps `import modeling_unimedvl` silent: drops a known, irrelevant notice that a dependency logs while importing.
+"""Keeps `import modeling_unimedvl` silent: drops known, irrelevant notices that dependencies log while importing.
 
-diffusers imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16, bitsandbytes then logs "Failed to
-load CPU gemm_4bit_forward from kernels-community …" (an optional accelerated CPU kernel from the `kernels` package).
-That line appeared on every command although nothing is quantized. The filter drops exactly that message from exactly
-that logger; every other message, and that logger's other messages, pass unchanged.
+diffusers imports bitsandbytes whenever it is installed; on CPUs with AVX512-BF16, bitsandbytes then asks the `kernels`
+package (a dependency of transformers ≥ 5.25) for an optional accelerated CPU kernel from the Hub repository
+`kernels-community/quantization-bitsandbytes`. Offline, or without `kernels`, that logs "Failed to load CPU
+gemm_4bit_forward from kernels-community …" (bitsandbytes) and "Skipping publisher trust check for
+'kernels-community/quantization-bitsandbytes' …" (kernels) on every command, although nothing is quantized. The
+filters drop exactly those messages from exactly those loggers; every other message passes unchanged.
 """
 
 import logging
 
 
-BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
-OPTIONAL_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+OPTIONAL_KERNEL_NOTICES = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"),
+)
+"""`(logger name, message prefix)` of the notices dropped."""
 
 
 class DropMessagesStartingWith(logging.Filter):
@@ -25,10 +30,11 @@ class DropMessagesStartingWith(logging.Filter):
 
 
 def silence_optional_kernel_notice() -> None:
-    """Installs the filter on bitsandbytes' CPU logger (idempotent; works before bitsandbytes is imported)."""
-    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
-    if not any(isinstance(item, DropMessagesStartingWith) and item.prefix == OPTIONAL_KERNEL_NOTICE for item in logger.filters):
-        logger.addFilter(DropMessagesStartingWith(OPTIONAL_KERNEL_NOTICE))
+    """Installs the filters on their loggers (idempotent; works before the libraries are imported)."""
+    for logger_name, prefix in OPTIONAL_KERNEL_NOTICES:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(item, DropMessagesStartingWith) and item.prefix == prefix for item in logger.filters):
+            logger.addFilter(DropMessagesStartingWith(prefix))
 
 
-__all__ = ["DropMessagesStartingWith", "silence_optional_kernel_notice"]
+__all__ = ["DropMessagesStartingWith", "OPTIONAL_KERNEL_NOTICES", "silence_optional_kernel_notice"]

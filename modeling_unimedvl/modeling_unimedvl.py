@@ -56,6 +56,7 @@ from .safetensors_reader import CheckpointError  # what loading raises; a direct
 from .sampling_unimedvl import (
     CfgGuidance,
     DenoisingSchedule,
+    check_callback_latents,
     check_finite_number,
     check_sampler_arguments,
     combine_cfg_velocity,
@@ -1279,7 +1280,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         `latents` `[batch, h·w, 64]` replace the initial noise. The schedule is BAGEL's, `linspace(1, 0,
         num_inference_steps)` shifted by `timestep_shift` (default 3.0), read from `scheduler` (a
         `FlowMatchEulerDiscreteScheduler`, created if not given; a given `timestep_shift` is set on it).
-        `callback_on_step_end(step, timestep, latents)` may return new latents.
+        `callback_on_step_end(step, timestep, latents)` may return new latents (same shape, finite; None keeps them).
 
         Speed: the request decides everything but the latents, so positions, routing, masks, timestep embeddings and
         which guidance branches each step evaluates are computed once ([`denoising_plan`]); each step
@@ -1508,7 +1509,7 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
             if compile_config is not None:
                 latents = latents.clone()  # a CUDA-graph output is overwritten by the next replay
             if callback_on_step_end is not None:
-                latents = callback_on_step_end(step, schedule.timesteps[step], latents)
+                latents = check_callback_latents(callback_on_step_end(step, schedule.timesteps[step], latents), latents, step)
         images = self.decode_latents(latents, grid_h, grid_w) if decode else None
         return UniMedVLImageGenerationOutput(images=images, latents=latents, text=texts)
 

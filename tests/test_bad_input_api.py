@@ -300,3 +300,29 @@ def test_two_channel_arrays_are_grey_plus_alpha_not_a_stack_and_hu_arrays_are_no
     hounsfield = np.array([[-1000, -500], [0, 1000]], dtype=np.int16)
     grey = np.asarray(load_medical_image(hounsfield))[..., 0]
     assert grey.tolist() == [[0, 64], [128, 255]]  # min–max, not clipped to [0, 0], [0, 255]
+
+
+BAD_CALLBACK_RETURNS = [
+    ("nan", lambda latents: latents * float("nan"), "returned non-finite \\(NaN or inf\\) latents at step 0"),
+    ("inf", lambda latents: latents + float("inf"), "returned non-finite \\(NaN or inf\\) latents at step 0"),
+    ("wrong-shape", lambda latents: latents[:, :3], r"must return latents of shape \(1, 16, 64\) \(or None\) at step 0, got \(1, 3, 64\)"),
+    ("not-a-tensor", lambda latents: latents.tolist(), r"must return latents of shape \(1, 16, 64\) \(or None\) at step 0, got list"),
+]
+
+
+@pytest.mark.parametrize("case, change, message", BAD_CALLBACK_RETURNS, ids=[row[0] for row in BAD_CALLBACK_RETURNS])
+def test_step_callback_returning_bad_latents_is_refused(tiny_model, tiny_processor, case, change, message):
+    inputs = tiny_processor(text="Axial CT of the head.", generation_mode="image")
+    with pytest.raises(ValueError, match=message):
+        tiny_model.generate(**inputs, generation_mode="image", height=64, width=64, num_inference_steps=3,
+                            callback_on_step_end=lambda step, timestep, latents: change(latents))
+
+
+def test_step_callback_returning_none_keeps_the_latents(tiny_model, tiny_processor):
+    inputs = tiny_processor(text="Axial CT of the head.", generation_mode="image")
+    options = dict(generation_mode="image", height=64, width=64, num_inference_steps=3, decode=False)
+    plain = tiny_model.generate(**inputs, generator=torch.Generator().manual_seed(0), **options).latents
+    seen = []
+    kept = tiny_model.generate(**inputs, generator=torch.Generator().manual_seed(0),
+                               callback_on_step_end=lambda step, timestep, latents: seen.append(step), **options).latents
+    assert torch.equal(kept, plain) and seen == [0, 1]

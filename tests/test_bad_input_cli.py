@@ -2,6 +2,7 @@
 `unimedvl: error: …` line naming the option / file / key / size. Faults: an image write killed mid-way leaves no
 partial file and the re-run writes the same image. Also: `--version`, and importing the package prints nothing."""
 
+import logging
 import os
 import re
 import shutil
@@ -13,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
+
+from modeling_unimedvl.logging_filters import OPTIONAL_KERNEL_NOTICES
 
 from fault_injection import kill_mid_write, run_killed
 from in_process_cli import run_in_process
@@ -188,6 +191,19 @@ def test_importing_the_packages_prints_nothing():
     )
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr
 
+
+
+@pytest.mark.parametrize("logger_name, prefix", OPTIONAL_KERNEL_NOTICES)
+def test_only_the_optional_kernel_notices_are_dropped(logger_name, prefix):
+    """Each dependency's notice is dropped from its logger, and only that notice (whatever the machine's CPU)."""
+    logger = logging.getLogger(logger_name)
+
+    def passes(message: str) -> bool:
+        return all(item.filter(logging.LogRecord(logger_name, logging.WARNING, __file__, 1, message, None, None)) for item in logger.filters)
+
+    assert not passes(prefix + ": No module named 'kernels'")
+    assert passes("Another warning of " + logger_name)
+    assert passes(prefix[:-3])
 
 KILLED_GENERATE = """
 from unimedvl_pipelines.cli import main

@@ -9,6 +9,7 @@ code-generated); the inductor compiles, which take minutes on the CPU, are `--ru
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import CompileConfig
@@ -168,3 +169,25 @@ def test_inductor_compiled_generation_equals_eager(tiny_model, batch_inputs, tin
     eager = tiny_model.generate(**inputs, generator=torch.Generator().manual_seed(0), **T2I).latents
     compiled = tiny_model.generate(**inputs, generator=torch.Generator().manual_seed(0), compile_config=config, **T2I).latents
     assert (compiled - eager).abs().max() < 1e-4
+
+
+def test_pipeline_passes_compile_config_and_gives_the_same_image(tiny_model, tiny_processor):
+    from unimedvl_pipelines.pipeline_unimedvl import UniMedVLPipeline, default_scheduler
+
+    pipe = UniMedVLPipeline(tiny_model, tiny_processor, default_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    options = dict(height=64, width=64, num_inference_steps=4, timestep_shift=1.0, output_type="np")
+    eager = pipe("Axial CT of the head.", generator=torch.Generator().manual_seed(3), **options).images
+    recorder = GraphRecorder()
+    compiled = pipe(
+        "Axial CT of the head.", generator=torch.Generator().manual_seed(3), compile_config=compile_config(recorder), **options
+    ).images
+    assert np.array_equal(compiled, eager)
+    assert len(recorder.graphs) == 2  # σ = 1, 2/3: text guidance (2 rows); σ = 1/3: the full context alone
+
+
+@pytest.mark.parametrize("value", [{"fullgraph": True}, "reduce-overhead", True])
+def test_compile_config_of_another_type_is_refused(tiny_model, tiny_processor, value):
+    inputs = tiny_processor(text="Axial CT of the head.", generation_mode="image")
+    with pytest.raises(TypeError, match=f"`compile_config` must be a transformers CompileConfig, got {type(value).__name__}"):
+        tiny_model.generate(**inputs, **dict(T2I, num_inference_steps=2), compile_config=value)

@@ -42,6 +42,22 @@ def check_finite_number(name: str, value, low: float | None = None, high: float 
         raise ValueError(f"`{name}` must be {bounds}, got {value!r}.")
 
 
+def check_callback_latents(returned, latents: torch.Tensor, step: int) -> torch.Tensor:
+    """The latents that a step callback returned in place of `latents` `[batch, h·w, 64]` at `step` (None: keep
+    them): a tensor of their shape with finite values, cast to their dtype. Reads one value back to the host (only
+    when a callback is given)."""
+    if returned is None:
+        return latents
+    if not isinstance(returned, torch.Tensor) or returned.shape != latents.shape:
+        got = tuple(returned.shape) if isinstance(returned, torch.Tensor) else type(returned).__name__
+        raise ValueError(
+            f"`callback_on_step_end` must return latents of shape {tuple(latents.shape)} (or None) at step {step}, got {got}."
+        )
+    if not bool(torch.isfinite(returned).all()):
+        raise ValueError(f"`callback_on_step_end` returned non-finite (NaN or inf) latents at step {step}.")
+    return returned.to(latents.dtype)
+
+
 def check_sampler_arguments(
     num_inference_steps,
     timestep_shift,
@@ -228,6 +244,7 @@ def vae_precision(vae: torch.nn.Module) -> contextlib.AbstractContextManager:
 
 __all__ = [
     "CFG_RENORM_TYPES",
+    "check_callback_latents",
     "check_finite_number",
     "check_sampler_arguments",
     "guided_steps",
