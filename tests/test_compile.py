@@ -151,12 +151,6 @@ def test_compiled_image_generation_equals_eager(tiny_model, tiny_processor, refe
     assert len(recorder.graphs) == 3
 
 
-def test_compile_config_must_be_a_compile_config(tiny_model, tiny_processor):
-    inputs = tiny_processor(text="A chest X-ray.", generation_mode="image")
-    with pytest.raises(TypeError, match="`compile_config` must be a transformers CompileConfig, got dict"):
-        tiny_model.generate(**inputs, compile_config={"fullgraph": True}, **T2I)
-
-
 @pytest.mark.slow
 def test_inductor_compiled_generation_equals_eager(tiny_model, batch_inputs, tiny_processor):
     """The real compiler (inductor, C++ on the CPU): greedy tokens equal, final latents within float32 rounding."""

@@ -178,6 +178,42 @@ def stage_arguments(config: dict, output_dir: str, use_cpu: bool = False, bf16: 
         raise ValueError(f"Stage {config.get('stage')}: invalid training configuration: {error}") from None
 
 
+def load_training_model(model_path: str):
+    """The model at `model_path` in float32 for training. Under FSDP with `fsdp_cpu_ram_efficient_loading` (what
+    accelerate's FSDP launch and `cpu_fsdp` set), only global rank 0 reads the weights: every other process builds the
+    architecture without initialising it (parameters on uninitialised storage, which accelerate moves to the meta
+    device before sharding; buffers computed, since accelerate keeps the non-persistent ones) and receives its shards
+    from rank 0 when accelerate prepares the model."""
+    from accelerate import init_empty_weights
+    from transformers.integrations import is_fsdp_enabled
+
+    from modeling_unimedvl import UniMedVLConfig, UniMedVLForConditionalGeneration
+
+    rank = int(os.environ.get("RANK", "0"))
+    if not is_fsdp_enabled() or rank == 0:
+        return UniMedVLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
+    with init_empty_weights(include_buffers=False):
+        model = UniMedVLForConditionalGeneration._from_config(UniMedVLConfig.from_pretrained(model_path), dtype=torch.float32)
+    count = _allocate_uninitialised_parameters(model)
+    logger.info("Process %d: no weights read; %d parameter tensors left uninitialised, their shards come from rank 0.", rank, count)
+    return model
+
+
+def _allocate_uninitialised_parameters(model: torch.nn.Module) -> int:
+    """Gives every meta-device parameter of `model` uninitialised CPU storage of its shape (tied parameters stay tied;
+    accelerate tells parameters apart by their storage when it swaps in the sharded ones); returns how many."""
+    allocated: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, parameter in list(module._parameters.items()):
+            if parameter is None or not parameter.is_meta:
+                continue
+            if id(parameter) not in allocated:
+                storage = torch.empty(parameter.shape, dtype=parameter.dtype, device="cpu")
+                allocated[id(parameter)] = torch.nn.Parameter(storage, requires_grad=parameter.requires_grad)
+            setattr(module, name, allocated[id(parameter)])
+    return len(allocated)
+
+
 def run_stage(
     config: dict,
     model_path: str,
@@ -198,7 +234,7 @@ def run_stage(
     base stays 4-bit). A stage resumed from a checkpoint at its last step writes `final/` without training further,
     so `final/` equals that of an uninterrupted run.
     """
-    from modeling_unimedvl import UniMedVLForConditionalGeneration, UniMedVLProcessor
+    from modeling_unimedvl import UniMedVLProcessor
 
     final_dir = os.path.join(output_dir, FINAL_DIR)
     if os.path.isdir(final_dir):
@@ -218,7 +254,7 @@ def run_stage(
             raise ValueError("qlora=True needs LoRA presets (lora=[...]) or a peft_config.")
         model = prepare_model_for_kbit_training(load_quantized_model(model_path), use_gradient_checkpointing=False)
     else:
-        model = UniMedVLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32)
+        model = load_training_model(model_path)
     meta = sum(p.is_meta for p in model.parameters())
     logger.info("Process %d: model loaded, %d of %d parameter tensors on the meta device.", int(os.environ.get("RANK", 0)), meta, len(list(model.parameters())))
     if lora and peft_config is None:
@@ -334,6 +370,7 @@ __all__ = [
     "STAGES",
     "build_mixture",
     "load_stage_config",
+    "load_training_model",
     "finish_from_checkpoint",
     "run_curriculum",
     "run_stage",
