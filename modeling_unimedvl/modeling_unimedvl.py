@@ -47,7 +47,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     eager_attention_forward,
 )
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_unimedvl import UniMedVLConfig
 from .loading_checks import checked_model_from_pretrained
@@ -72,6 +72,8 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 """Name of the KV cache in transformers' model outputs and in what `generate()` passes to `forward`: `cache` from
 transformers 5.24 on, `past_key_values` before. The forwards accept both names."""
 
+
+logger = logging.get_logger(__name__)
 
 def cast_to_compute_dtype(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """`tensor` in the dtype of `module`'s floating-point weight (a module kept in float32 under float16 loading); a
@@ -1136,12 +1138,40 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         sampling draws from the full softmax at `temperature` as the original does (no top-k unless one is given).
         `generation_mode="image"`: [`generate_image`]."""
         if generation_mode == "text":
+            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+            self._warn_past_position_limit(input_ids, kwargs.get("attention_mask"), self._new_token_count(input_ids, kwargs))
             return super().generate(inputs, **self._full_softmax_sampling(kwargs))
         if generation_mode == "image":
             if inputs is not None:
                 kwargs["input_ids"] = inputs
+            self._warn_past_position_limit(kwargs.get("input_ids"), kwargs.get("attention_mask"), 1)
             return self.generate_image(**kwargs)
         raise ValueError(f"Unsupported generation_mode {generation_mode!r}: UniMedVL generates 'text' or 'image'.")
+
+    def _new_token_count(self, input_ids: torch.Tensor | None, kwargs: dict) -> int:
+        """How many tokens a text `generate` call may add: `max_new_tokens`, else `max_length` minus the prompt, from
+        the arguments, a given `generation_config` or the model's."""
+        configs = [config for config in (kwargs.get("generation_config"), self.generation_config) if config is not None]
+        max_new_tokens = kwargs.get("max_new_tokens", next((c.max_new_tokens for c in configs if c.max_new_tokens), None))
+        if max_new_tokens is not None:
+            return max_new_tokens
+        max_length = kwargs.get("max_length", next((c.max_length for c in configs if c.max_length), 0))
+        return max(max_length - (input_ids.shape[1] if input_ids is not None else 0), 0)
+
+    def _warn_past_position_limit(self, input_ids: torch.Tensor | None, attention_mask, new_positions: int) -> None:
+        """Warns when the RoPE positions of the context `input_ids` `[batch, seq]` (an image block takes one) plus
+        `new_positions` go past the text model's `max_position_embeddings`: beyond it, RoPE extrapolates and outputs
+        degrade. Reads one value back to the host, once per call."""
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if input_ids is None or limit is None or input_ids.dim() != 2:
+            return
+        last = int(sequence_structure(input_ids, self.config, attention_mask).next_position.max()) + new_positions - 1
+        if last >= limit:
+            logger.warning(
+                f"This request reaches RoPE position {last}, past the model's max_position_embeddings ({limit}): the "
+                f"context uses {last - new_positions + 1} positions and up to {new_positions} new ones are asked for. "
+                "Outputs that far are extrapolated and may degrade; shorten the prompt or lower max_new_tokens."
+            )
 
     def _full_softmax_sampling(self, kwargs: dict) -> dict:
         """`generate` keywords in which sampling keeps the whole vocabulary, as the original's `multinomial(softmax(

@@ -326,3 +326,31 @@ def test_step_callback_returning_none_keeps_the_latents(tiny_model, tiny_process
     kept = tiny_model.generate(**inputs, generator=torch.Generator().manual_seed(0),
                                callback_on_step_end=lambda step, timestep, latents: seen.append(step), **options).latents
     assert torch.equal(kept, plain) and seen == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "mode, options, expected",
+    [
+        ("text", dict(max_new_tokens=4), None),
+        ("text", dict(max_new_tokens=40), r"reaches RoPE position \d+, past the model's max_position_embeddings \(\d+\)"),
+        ("image", dict(height=32, width=32, num_inference_steps=2, decode=False), r"past the model's max_position_embeddings"),
+    ],
+    ids=["text-within", "text-past", "image-past"],
+)
+def test_requests_past_the_position_limit_are_warned_about(tiny_model, tiny_processor, monkeypatch, caplog, mode, options,
+                                                          expected):
+    """A context (or context + new tokens) longer than `max_position_embeddings` gets a warning saying what to do."""
+    if mode == "text":
+        inputs = tiny_processor(text="What is shown in a chest X-ray? " * 4)
+    else:
+        inputs = tiny_processor(text="An axial CT of the head. " * 12, generation_mode="image")
+    positions = int(inputs["attention_mask"].sum())  # text only: one RoPE position per token
+    limit = positions + 10 if mode == "text" else positions - 20
+    monkeypatch.setattr(tiny_model.config.text_config, "max_position_embeddings", limit)
+    with caplog.at_level("WARNING", logger="modeling_unimedvl.modeling_unimedvl"):
+        tiny_model.generate(**inputs, generation_mode=mode, **options)
+    warnings = [record.getMessage() for record in caplog.records if "max_position_embeddings" in record.getMessage()]
+    if expected is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and re.search(expected, warnings[0]) and "shorten the prompt" in warnings[0], warnings
