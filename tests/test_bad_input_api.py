@@ -328,27 +328,37 @@ def test_step_callback_returning_none_keeps_the_latents(tiny_model, tiny_process
     assert torch.equal(kept, plain) and seen == [0, 1]
 
 
+IMAGE_OPTIONS = dict(height=32, width=32, num_inference_steps=2)
+
+
 @pytest.mark.parametrize(
     "mode, options, expected",
     [
         ("text", dict(max_new_tokens=4), None),
         ("text", dict(max_new_tokens=40), r"reaches RoPE position \d+, past the model's max_position_embeddings \(\d+\)"),
-        ("image", dict(height=32, width=32, num_inference_steps=2, decode=False), r"past the model's max_position_embeddings"),
+        ("image", dict(IMAGE_OPTIONS, decode=False), r"past the model's max_position_embeddings"),
+        ("pipeline", dict(IMAGE_OPTIONS, output_type="latent"), r"past the model's max_position_embeddings"),
     ],
-    ids=["text-within", "text-past", "image-past"],
+    ids=["text-within", "text-past", "image-past", "pipeline-past"],
 )
 def test_requests_past_the_position_limit_are_warned_about(tiny_model, tiny_processor, monkeypatch, caplog, mode, options,
                                                           expected):
-    """A context (or context + new tokens) longer than `max_position_embeddings` gets a warning saying what to do."""
-    if mode == "text":
-        inputs = tiny_processor(text="What is shown in a chest X-ray? " * 4)
-    else:
-        inputs = tiny_processor(text="An axial CT of the head. " * 12, generation_mode="image")
+    """A context (or context + new tokens) longer than `max_position_embeddings` gets a warning saying what to do,
+    whichever entry point generates (`generate`, `generate_image` through the diffusers pipeline)."""
+    from unimedvl_pipelines.pipeline_unimedvl import UniMedVLPipeline, default_scheduler
+
+    prompt = "What is shown in a chest X-ray? " * 4 if mode == "text" else "An axial CT of the head. " * 12
+    inputs = tiny_processor(text=prompt) if mode == "text" else tiny_processor(text=prompt, generation_mode="image")
     positions = int(inputs["attention_mask"].sum())  # text only: one RoPE position per token
     limit = positions + 10 if mode == "text" else positions - 20
     monkeypatch.setattr(tiny_model.config.text_config, "max_position_embeddings", limit)
     with caplog.at_level("WARNING", logger="modeling_unimedvl.modeling_unimedvl"):
-        tiny_model.generate(**inputs, generation_mode=mode, **options)
+        if mode == "pipeline":
+            pipe = UniMedVLPipeline(tiny_model, tiny_processor, default_scheduler())
+            pipe.set_progress_bar_config(disable=True)
+            pipe(prompt, **options)
+        else:
+            tiny_model.generate(**inputs, generation_mode=mode, **options)
     warnings = [record.getMessage() for record in caplog.records if "max_position_embeddings" in record.getMessage()]
     if expected is None:
         assert warnings == []

@@ -75,6 +75,7 @@ transformers 5.24 on, `past_key_values` before. The forwards accept both names."
 
 logger = logging.get_logger(__name__)
 
+
 def cast_to_compute_dtype(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """`tensor` in the dtype of `module`'s floating-point weight (a module kept in float32 under float16 loading); a
     quantized weight (uint8 / int8 storage) leaves it as it is, since bitsandbytes layers cast to their compute dtype."""
@@ -1139,12 +1140,13 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         `generation_mode="image"`: [`generate_image`]."""
         if generation_mode == "text":
             input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-            self._warn_past_position_limit(input_ids, kwargs.get("attention_mask"), self._new_token_count(input_ids, kwargs))
+            if input_ids is not None and input_ids.dim() == 2:
+                next_position = sequence_structure(input_ids, self.config, kwargs.get("attention_mask")).next_position
+                self._warn_past_position_limit(next_position, self._new_token_count(input_ids, kwargs))
             return super().generate(inputs, **self._full_softmax_sampling(kwargs))
         if generation_mode == "image":
             if inputs is not None:
                 kwargs["input_ids"] = inputs
-            self._warn_past_position_limit(kwargs.get("input_ids"), kwargs.get("attention_mask"), 1)
             return self.generate_image(**kwargs)
         raise ValueError(f"Unsupported generation_mode {generation_mode!r}: UniMedVL generates 'text' or 'image'.")
 
@@ -1158,14 +1160,14 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         max_length = kwargs.get("max_length", next((c.max_length for c in configs if c.max_length), 0))
         return max(max_length - (input_ids.shape[1] if input_ids is not None else 0), 0)
 
-    def _warn_past_position_limit(self, input_ids: torch.Tensor | None, attention_mask, new_positions: int) -> None:
-        """Warns when the RoPE positions of the context `input_ids` `[batch, seq]` (an image block takes one) plus
-        `new_positions` go past the text model's `max_position_embeddings`: beyond it, RoPE extrapolates and outputs
-        degrade. Reads one value back to the host, once per call."""
+    def _warn_past_position_limit(self, next_position: torch.Tensor, new_positions: int) -> None:
+        """Warns when contexts whose next RoPE position is `next_position` `[rows]` (an image block takes one
+        position) plus `new_positions` go past the text model's `max_position_embeddings`: beyond it, RoPE
+        extrapolates and outputs degrade. Reads one value back to the host, once per call."""
         limit = getattr(self.config.text_config, "max_position_embeddings", None)
-        if input_ids is None or limit is None or input_ids.dim() != 2:
+        if limit is None:
             return
-        last = int(sequence_structure(input_ids, self.config, attention_mask).next_position.max()) + new_positions - 1
+        last = int(next_position.max()) + new_positions - 1
         if last >= limit:
             logger.warning(
                 f"This request reaches RoPE position {last}, past the model's max_position_embeddings ({limit}): the "
@@ -1556,10 +1558,11 @@ class UniMedVLForConditionalGeneration(UniMedVLPreTrainedModel, GenerationMixin)
         ids = torch.cat([nn.functional.pad(r[0], (length - r[0].shape[1], 0), value=config.pad_token_id or 0) for r in rows])
         emb = torch.cat([nn.functional.pad(r[1], (0, 0, length - r[1].shape[1], 0)) for r in rows])
         mask = torch.cat([nn.functional.pad(r[2], (length - r[2].shape[1], 0)) for r in rows])
+        next_position = sequence_structure(ids, config, mask).next_position
+        self._warn_past_position_limit(next_position, 1)  # the noisy block takes one position
         cache = DynamicCache(config=config.text_config)
         if length > 0:
             self.model(input_ids=ids, attention_mask=mask, inputs_embeds=emb, cache=cache, use_cache=True)
-        next_position = sequence_structure(ids, config, mask).next_position
         batch = input_ids.shape[0]
         return {"cache": cache, "attention_mask": mask, "next_position": next_position, "batch": batch}
 
