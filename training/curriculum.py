@@ -255,8 +255,6 @@ def run_stage(
         model = prepare_model_for_kbit_training(load_quantized_model(model_path), use_gradient_checkpointing=False)
     else:
         model = load_training_model(model_path)
-    meta = sum(p.is_meta for p in model.parameters())
-    logger.info("Process %d: model loaded, %d of %d parameter tensors on the meta device.", int(os.environ.get("RANK", 0)), meta, len(list(model.parameters())))
     if lora and peft_config is None:
         peft_config = lora_config(lora, r=lora_rank)
     if peft_config is None:
