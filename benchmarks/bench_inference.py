@@ -20,9 +20,11 @@ per-step overheads (28 decoder and 26 ViT layers at tiny width).
 """
 
 import argparse
+import functools
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -356,7 +358,7 @@ class InferenceBenchmark:
         host synchronisations and aten ops of the forward of one step and per token of the whole loop; graphs and
         breaks of the step; whether each variant's greedy tokens equal this package's eager ones."""
         inputs = self.inputs.understanding(self.settings.image_size, 1)
-        tokens, repeats, pad = self.settings.step_tokens, self.settings.repeats, self.config.pad_token_id
+        tokens, pad = self.settings.step_tokens, self.config.pad_token_id
         static = {"cache_implementation": "static", "disable_compile": True}
         variants = {"eager": (self.model, {}), "static": (self.model, static)}
         variants["compiled"] = (self.model, {"cache_implementation": "static", "compile_config": self.compile_config})
@@ -370,23 +372,35 @@ class InferenceBenchmark:
         reference = steps.greedy_tokens(self.model, inputs, tokens, pad)
         for name, (model, options) in variants.items():
             records[name]["tokens_equal_eager"] = bool(torch.equal(steps.greedy_tokens(model, inputs, tokens, pad, **options), reference))
-        for model, options in variants.values():
-            steps.ms_per_token(model, inputs, self.device, tokens, 0, pad, **options)  # warm-up only
-        samples = {name: [] for name in variants}
-        for _ in range(repeats):  # variants interleaved, so that a change of machine load hits all of them alike
-            for name, (model, options) in variants.items():
-                timing = steps.ms_per_token(model, inputs, self.device, tokens, 1, pad, warmup=False, **options)
-                samples[name].append(timing["ms_per_token"])
+        runs = {
+            name: functools.partial(steps.greedy_tokens, model, inputs, pad_token_id=pad, **options)
+            for name, (model, options) in variants.items()
+        }
+        samples = self._interleaved_ms_per_unit(runs, 1, tokens)
         for name, (model, options) in variants.items():
             record = records[name]
             record.update(batch=1, context_tokens=inputs["input_ids"].shape[1], new_tokens=tokens,
                           ms_per_token=statistics.median(samples[name]), ms_per_token_all=samples[name])
-            loop = steps.generate_loop_syncs(model, inputs, tokens, pad, host_reads=name != "compiled", **options)
+            loop = steps.ops_per_unit(runs[name], 1, tokens, host_reads=name != "compiled")
             record.update({f"loop_{key}_per_token": value for key, value in loop.items()})
             if name != "eager" and name != "baseline":
                 record.update(self._decode_forward_figures(model, inputs, compiled=name == "compiled"))
         self._ratios(records, "ms_per_token")
         return [self.report.emit(record) for record in records.values()]
+
+    def _interleaved_ms_per_unit(
+        self, runs: dict[str, Callable[[int], object]], low: int, high: int
+    ) -> dict[str, list[float]]:
+        """`repeats` samples of [`steps.ms_per_unit`] for each variant's `run(count)`, after one warm-up run of both
+        lengths each (compilation, first-use set-up of every shape); the variants interleaved, so that a change of
+        machine load hits all of them alike."""
+        for run in runs.values():
+            run(low), run(high)
+        samples = {name: [] for name in runs}
+        for _ in range(self.settings.repeats):
+            for name, run in runs.items():
+                samples[name].append(steps.ms_per_unit(run, self.device, low, high))
+        return samples
 
     @torch.no_grad()
     def _decode_forward_figures(self, model, inputs: dict, compiled: bool) -> dict:
@@ -407,7 +421,7 @@ class InferenceBenchmark:
         times = []
         for _ in range(self.settings.repeats):
             decode.reset()
-            times.append(steps.median_seconds(decode_run, self.device, 1)[0] / timed_steps * 1e3)
+            times.append(time_call(decode_run, self.device, warmup=0, repeats=1) / timed_steps * 1e3)
         figures.update(forward_ms=statistics.median(times), forward_ms_all=times)
         return figures
 
@@ -416,7 +430,7 @@ class InferenceBenchmark:
         `steps.py`): ms per Euler step of `generate_image` eager and with the step compiled (`compile_config`), and
         the baseline's; host synchronisations and aten ops per step; graphs and breaks of the step (the baseline:
         of its model call); the compiled and the baseline's final latents against this package's eager ones."""
-        size, runs, repeats = self.settings.step_image_size, self.settings.step_runs, self.settings.repeats
+        size, runs = self.settings.step_image_size, self.settings.step_runs
         inputs = self.inputs.text_to_image()
         variants = {"eager": (self.model, {}), "compiled": (self.model, {"compile_config": self.compile_config})}
         if baseline is not None:
@@ -424,39 +438,33 @@ class InferenceBenchmark:
         records = {name: {"name": "denoise_step" + self.tag, "variant": name} for name in variants}
         for name in ("baseline", "eager"):  # first: explain resets dynamo, compiled functions included
             if name in variants:
-                records[name].update(self._denoise_step_graphs(variants[name][0], inputs, size, name))
+                records[name].update(self._denoise_step_graphs(variants[name][0], inputs, size))
         reference = steps.generate_image_latents(self.model, inputs, size, runs[1], STEP_SETTINGS)
         for name, (model, options) in variants.items():
             latents = steps.generate_image_latents(model, inputs, size, runs[1], STEP_SETTINGS, **options)
             records[name]["latents_max_abs_diff_to_eager"] = (latents - reference).abs().max().item()
-        for model, options in variants.values():
-            steps.ms_per_denoising_step(model, inputs, self.device, size, runs, 0, STEP_SETTINGS, **options)  # warm-up
-        samples = {name: [] for name in variants}
-        for _ in range(repeats):  # variants interleaved
-            for name, (model, options) in variants.items():
-                timing = steps.ms_per_denoising_step(
-                    model, inputs, self.device, size, runs, 1, STEP_SETTINGS, warmup=False, **options
-                )
-                samples[name].append(timing["ms_per_step"])
+        step_runs = {
+            name: functools.partial(steps.generate_image_latents, model, inputs, size, settings=STEP_SETTINGS, **options)
+            for name, (model, options) in variants.items()
+        }
+        samples = self._interleaved_ms_per_unit(step_runs, *runs)
         for name, (model, options) in variants.items():
             record = records[name]
             record.update(height=size, width=size, latent_tokens=(size // self.config.latent_downsample) ** 2, rows=2,
                           ms_per_step=statistics.median(samples[name]), ms_per_step_all=samples[name])
-            loop = steps.denoising_loop_syncs(
-                model, inputs, size, runs, STEP_SETTINGS, host_reads=name != "compiled", **options
-            )
+            loop = steps.ops_per_unit(step_runs[name], *runs, host_reads=name != "compiled")
             record.update({f"loop_{key}_per_step": value for key, value in loop.items()})
             record.update(self._denoise_step_figures(model, inputs, size, name))
         self._ratios(records, "ms_per_step")
         return [self.report.emit(record) for record in records.values()]
 
     @staticmethod
-    def _denoise_step_graphs(model, inputs: dict, size: int, variant: str) -> dict:
-        """Graphs and breaks of the step function (the baseline has none: of its model call)."""
-        name = "_flow_velocity" if variant == "baseline" else "denoising_step"
+    def _denoise_step_graphs(model, inputs: dict, size: int) -> dict:
+        """Graphs and breaks of the step function (a revision before it: of its model call, `_flow_velocity`)."""
+        name = "denoising_step" if hasattr(model, "denoising_step") else "_flow_velocity"
         with steps.recording(model, name) as calls:
             steps.generate_image_latents(model, inputs, size, 2, STEP_SETTINGS)
-        prefix = "model_call_" if variant == "baseline" else ""
+        prefix = "model_call_" if name == "_flow_velocity" else ""
         return {prefix + key: value for key, value in steps.explain_graphs(getattr(model, name), *calls[0]).items()}
 
     @torch.no_grad()
@@ -470,7 +478,7 @@ class InferenceBenchmark:
         step(*calls[0]), step(*calls[0])
         counts = steps.count_ops(lambda: step(*calls[0]), host_reads=variant != "compiled")
         figures = {f"step_{key}": value for key, value in counts.record().items()}
-        seconds, _ = steps.median_seconds(lambda: step(*calls[0]), self.device, max(3, self.settings.repeats))
+        seconds = time_call(lambda: step(*calls[0]), self.device, warmup=0, repeats=max(3, self.settings.repeats))
         figures["step_ms"] = seconds * 1e3
         return figures
 

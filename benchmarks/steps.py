@@ -24,12 +24,10 @@ import contextlib
 import importlib
 import io
 import pathlib
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import types
 from collections import Counter
 from collections.abc import Callable
@@ -40,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 from transformers import CompileConfig, StaticCache
 
-from .measurement import synchronize
+from .measurement import time_call
 
 
 HOST_SYNC_OPS = (
@@ -144,16 +142,20 @@ def explain_graphs(fn: Callable, *args, **kwargs) -> dict:
     return {"graphs": explanation.graph_count, "graph_breaks": explanation.graph_break_count, "break_reasons": reasons}
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, list[float]]:
-    """Median and all wall-clock seconds of `repeats` calls of `fn` (synchronised on a GPU)."""
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        begin = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times), times
+def ms_per_unit(run: Callable[[int], object], device: torch.device, low: int, high: int) -> float:
+    """Milliseconds per unit (a decoded token, an Euler step) of `run(count)`: `(t(high) − t(low)) / (high − low)`
+    from one timed call of each length, so that what a call costs once (prefill, VAE, set-up) cancels."""
+    short = time_call(lambda: run(low), device, warmup=0, repeats=1)
+    long = time_call(lambda: run(high), device, warmup=0, repeats=1)
+    return (long - short) / (high - low) * 1e3
+
+
+def ops_per_unit(run: Callable[[int], object], low: int, high: int, host_reads: bool = True) -> dict:
+    """Host synchronisations and aten ops per unit of `run(count)`, from its runs of `low` and `high` units;
+    `host_reads` as in [`count_ops`] (False when the step is compiled)."""
+    short = count_ops(lambda: run(low), host_reads)
+    long = count_ops(lambda: run(high), host_reads)
+    return long.minus(short, high - low)
 
 
 def compile_config_for(device: torch.device, backend: str = "inductor", dynamic: bool = False) -> CompileConfig:
@@ -267,29 +269,6 @@ def greedy_tokens(model, inputs: dict, count: int, pad_token_id: int, **kwargs) 
     return output[:, inputs["input_ids"].shape[1]:]
 
 
-def ms_per_token(model, inputs, device, tokens: int, repeats: int, pad_token_id: int, warmup: bool = True,
-                 **kwargs) -> dict:
-    """Decode ms per token of `generate`: median over `repeats` of `(t(tokens) − t(1)) / (tokens − 1)`, after a warm-up
-    of both lengths (compilation, first-use kernel set-up of every shape) unless `warmup=False`."""
-    run = lambda count: greedy_tokens(model, inputs, count, pad_token_id, **kwargs)  # noqa: E731
-    if warmup:
-        run(1), run(tokens)
-    per_token = []
-    for _ in range(repeats):
-        first, _ = median_seconds(lambda: run(1), device, 1)
-        total, _ = median_seconds(lambda: run(tokens), device, 1)
-        per_token.append((total - first) / (tokens - 1) * 1e3)
-    return {"ms_per_token": statistics.median(per_token) if per_token else None, "ms_per_token_all": per_token}
-
-
-def generate_loop_syncs(model, inputs, tokens: int, pad_token_id: int, host_reads: bool = True, **kwargs) -> dict:
-    """Host synchronisations and aten ops per token of the whole `generate` loop (`(n(tokens) − n(1)) / (tokens − 1)`);
-    `host_reads` as in [`count_ops`] (False when `generate` compiles the step)."""
-    one = count_ops(lambda: greedy_tokens(model, inputs, 1, pad_token_id, **kwargs), host_reads)
-    many = count_ops(lambda: greedy_tokens(model, inputs, tokens, pad_token_id, **kwargs), host_reads)
-    return many.minus(one, tokens - 1)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Denoise
 # ----------------------------------------------------------------------------------------------------------------------
@@ -321,32 +300,6 @@ def generate_image_latents(model, inputs: dict, size: int, steps: int, settings:
     return output.latents
 
 
-def ms_per_denoising_step(model, inputs, device, size: int, steps: tuple[int, int], repeats: int, settings: dict,
-                          warmup: bool = True, **kwargs) -> dict:
-    """ms per Euler step of `generate_image`: median over `repeats` of `(t(s₂) − t(s₁)) / (s₂ − s₁)`, after a warm-up
-    of both lengths unless `warmup=False`."""
-    run = lambda count: generate_image_latents(model, inputs, size, count, settings, **kwargs)  # noqa: E731
-    low, high = steps
-    if warmup:
-        run(low), run(high)
-    per_step = []
-    for _ in range(repeats):
-        short, _ = median_seconds(lambda: run(low), device, 1)
-        long, _ = median_seconds(lambda: run(high), device, 1)
-        per_step.append((long - short) / (high - low) * 1e3)
-    return {"ms_per_step": statistics.median(per_step) if per_step else None, "ms_per_step_all": per_step}
-
-
-def denoising_loop_syncs(model, inputs, size: int, steps: tuple[int, int], settings: dict, host_reads: bool = True,
-                         **kwargs) -> dict:
-    """Host synchronisations and aten ops per Euler step of `generate_image`, from two runs of different lengths;
-    `host_reads` as in [`count_ops`] (False when the step is compiled)."""
-    low, high = steps
-    short = count_ops(lambda: generate_image_latents(model, inputs, size, low, settings, **kwargs), host_reads)
-    long = count_ops(lambda: generate_image_latents(model, inputs, size, high, settings, **kwargs), host_reads)
-    return long.minus(short, high - low)
-
-
 __all__ = [
     "HOST_SYNC_OPS",
     "DecodeSteps",
@@ -354,14 +307,11 @@ __all__ = [
     "baseline_model",
     "count_ops",
     "compile_config_for",
-    "denoising_loop_syncs",
     "explain_graphs",
     "generate_image_latents",
-    "generate_loop_syncs",
     "greedy_tokens",
     "load_baseline_package",
-    "median_seconds",
-    "ms_per_denoising_step",
-    "ms_per_token",
+    "ms_per_unit",
+    "ops_per_unit",
     "recording",
 ]
