@@ -369,13 +369,13 @@ class InferenceBenchmark:
             if name in variants:
                 decode = steps.DecodeSteps(variants[name][0], inputs, CACHE_FIELD, 2)
                 records[name].update(steps.explain_graphs(variants[name][0].__call__, **decode.inputs()))
-        reference = steps.greedy_tokens(self.model, inputs, tokens, pad)
-        for name, (model, options) in variants.items():
-            records[name]["tokens_equal_eager"] = bool(torch.equal(steps.greedy_tokens(model, inputs, tokens, pad, **options), reference))
         runs = {
             name: functools.partial(steps.greedy_tokens, model, inputs, pad_token_id=pad, **options)
             for name, (model, options) in variants.items()
         }
+        reference = runs["eager"](tokens)
+        for name, run in runs.items():
+            records[name]["tokens_equal_eager"] = bool(torch.equal(run(tokens), reference))
         samples = self._interleaved_ms_per_unit(runs, 1, tokens)
         for name, (model, options) in variants.items():
             record = records[name]
@@ -439,14 +439,13 @@ class InferenceBenchmark:
         for name in ("baseline", "eager"):  # first: explain resets dynamo, compiled functions included
             if name in variants:
                 records[name].update(self._denoise_step_graphs(variants[name][0], inputs, size))
-        reference = steps.generate_image_latents(self.model, inputs, size, runs[1], STEP_SETTINGS)
-        for name, (model, options) in variants.items():
-            latents = steps.generate_image_latents(model, inputs, size, runs[1], STEP_SETTINGS, **options)
-            records[name]["latents_max_abs_diff_to_eager"] = (latents - reference).abs().max().item()
         step_runs = {
             name: functools.partial(steps.generate_image_latents, model, inputs, size, settings=STEP_SETTINGS, **options)
             for name, (model, options) in variants.items()
         }
+        reference = step_runs["eager"](runs[1])
+        for name, run in step_runs.items():
+            records[name]["latents_max_abs_diff_to_eager"] = (run(runs[1]) - reference).abs().max().item()
         samples = self._interleaved_ms_per_unit(step_runs, *runs)
         for name, (model, options) in variants.items():
             record = records[name]
