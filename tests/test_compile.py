@@ -12,17 +12,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import CompileConfig
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.steps import DecodeSteps, count_ops, explain_graphs, recording  # noqa: E402
+from benchmarks.steps import DecodeSteps, compile_config_for, count_ops, explain_graphs, recording  # noqa: E402
 from modeling_unimedvl.modeling_unimedvl import CACHE_FIELD  # noqa: E402
 
 
 QUESTION = "What imaging modality is shown?"
 PROMPTS = ["What imaging modality is shown?", "Is there a fracture of the left femur in this radiograph of the patient?"]
+CPU = torch.device("cpu")
+"""Where the tests compile: transformers compiles there only when told to, which `compile_config_for` does."""
 T2I = dict(generation_mode="image", height=64, width=64, num_inference_steps=6, timestep_shift=1.0, cfg_text_scale=4.0,
            cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), decode=False)
 I2I = dict(generation_mode="image", num_inference_steps=4, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
@@ -41,12 +42,6 @@ class GraphRecorder:
 
     def __deepcopy__(self, memo):  # `CompileConfig.to_dict()` deep-copies its backend
         return self
-
-
-def compile_config(backend) -> CompileConfig:
-    config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None)
-    config._compile_all_devices = True  # transformers compiles on a CPU only when told to
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +76,7 @@ def test_generate_compiles_the_decode_step_and_equals_eager(tiny_model, batch_in
     options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     eager = tiny_model.generate(**batch_inputs, **options)
     recorder = GraphRecorder()
-    compiled = tiny_model.generate(**batch_inputs, cache_implementation="static", compile_config=compile_config(recorder), **options)
+    compiled = tiny_model.generate(**batch_inputs, cache_implementation="static", compile_config=compile_config_for(CPU, recorder), **options)
     assert torch.equal(compiled, eager)
     assert len(recorder.graphs) == 1
     assert torch.equal(tiny_model.generate(**batch_inputs, cache_implementation="static", **options), eager)
@@ -138,14 +133,14 @@ def test_compiled_image_generation_equals_eager(tiny_model, tiny_processor, refe
     eager = tiny_model.generate(**t2i_inputs, generator=torch.Generator().manual_seed(0), **T2I).latents
     recorder = GraphRecorder()
     compiled = tiny_model.generate(
-        **t2i_inputs, generator=torch.Generator().manual_seed(0), compile_config=compile_config(recorder), **T2I
+        **t2i_inputs, generator=torch.Generator().manual_seed(0), compile_config=compile_config_for(CPU, recorder), **T2I
     ).latents
     assert torch.equal(compiled, eager)
     assert len(recorder.graphs) == 2  # 4 rows (two prompts, text guidance), then 2 rows
     i2i_inputs = tiny_processor(images=reference_image, text="Turn this into a FLAIR image.", generation_mode="image")
     eager = tiny_model.generate(**i2i_inputs, generator=torch.Generator().manual_seed(1), **I2I).latents
     compiled = tiny_model.generate(
-        **i2i_inputs, generator=torch.Generator().manual_seed(1), compile_config=compile_config(recorder), **I2I
+        **i2i_inputs, generator=torch.Generator().manual_seed(1), compile_config=compile_config_for(CPU, recorder), **I2I
     ).latents
     assert torch.equal(compiled, eager)
     assert len(recorder.graphs) == 3
@@ -156,7 +151,7 @@ def test_inductor_compiled_generation_equals_eager(tiny_model, batch_inputs, tin
     """The real compiler (inductor, C++ on the CPU): greedy tokens equal, final latents within float32 rounding."""
     options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     eager = tiny_model.generate(**batch_inputs, **options)
-    config = compile_config("inductor")
+    config = compile_config_for(CPU, "inductor")
     compiled = tiny_model.generate(**batch_inputs, cache_implementation="static", compile_config=config, **options)
     assert torch.equal(compiled, eager)
     inputs = tiny_processor(text="Axial CT of the head.", generation_mode="image")
@@ -174,7 +169,7 @@ def test_pipeline_passes_compile_config_and_gives_the_same_image(tiny_model, tin
     eager = pipe("Axial CT of the head.", generator=torch.Generator().manual_seed(3), **options).images
     recorder = GraphRecorder()
     compiled = pipe(
-        "Axial CT of the head.", generator=torch.Generator().manual_seed(3), compile_config=compile_config(recorder), **options
+        "Axial CT of the head.", generator=torch.Generator().manual_seed(3), compile_config=compile_config_for(CPU, recorder), **options
     ).images
     assert np.array_equal(compiled, eager)
     assert len(recorder.graphs) == 2  # σ = 1, 2/3: text guidance (2 rows); σ = 1/3: the full context alone
