@@ -22,12 +22,12 @@ from benchmarks.configs import full_size_config, tiny_config, training_config  #
 from benchmarks.measurement import resolve_device  # noqa: E402
 
 
-def _run_script(module: str, tmp_path: pathlib.Path) -> tuple[list[dict], list[dict]]:
-    """Runs `python -m module --tiny --output FILE`; returns the records from stdout and from the file."""
+def _run_script(module: str, tmp_path: pathlib.Path, *options: str) -> tuple[list[dict], list[dict]]:
+    """Runs `python -m module --tiny --output FILE [options]`; returns the records from stdout and from the file."""
     output = tmp_path / f"{module.rsplit('.', 1)[-1]}.jsonl"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
     completed = subprocess.run(
-        [sys.executable, "-m", module, "--tiny", "--output", str(output)],
+        [sys.executable, "-m", module, "--tiny", "--output", str(output), *options],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -234,15 +234,12 @@ def test_step_rows_prove_one_graph_and_no_host_synchronisation(tmp_path):
     """`--only decode_step denoise_step`: the static-cache decode step and the denoising step are one graph without
     breaks, compiled and eager agree, and neither step reads anything back to the host (the decode loop reads one
     value per token: transformers' stop check)."""
-    output = tmp_path / "steps.jsonl"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_inference", "--tiny", "--only", "decode_step", "denoise_step",
-         "--variants", "eager", "compiled", "--compile-backend", "eager", "--step-size", "64", "--output", str(output)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    printed, written = _run_script(
+        "benchmarks.bench_inference", tmp_path, "--only", "decode_step", "denoise_step", "--variants", "eager",
+        "compiled", "--compile-backend", "eager", "--step-size", "64",
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    rows = {(r["name"], r["variant"]): r for r in map(json.loads, output.read_text().splitlines()) if "variant" in r}
+    assert printed == written
+    rows = {(r["name"], r["variant"]): r for r in written if "variant" in r}
     assert set(rows) == {("decode_step", v) for v in ("eager", "static", "compiled")} | {
         ("denoise_step", v) for v in ("eager", "compiled")
     }
