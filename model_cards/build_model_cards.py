@@ -169,17 +169,18 @@ TINY_RECIPE = (
     "resumes and ends with the same weights, bit for bit):\n\n"
     "```bash\n{command}\n```\n\n"
     "Seed {seed}; machine: {machine}; torch threads {threads}. Wall times: tokenizer {tokenizer_s} s, VAE {vae_s} s, "
-    "vision encoder {vision_s} s, data {data_s} s, curriculum stage 1 {stage1_s} s, stage 2 {stage2_s} s, stage 3 "
+    "vision encoder {vision_s} s{stage0_together}, data {data_s} s, curriculum stage 1 {stage1_s} s, stage 2 {stage2_s} s, stage 3 "
     "{stage3_s} s (total {total_min} min).\n\n"
     "- **Data**: training splits only — VQA-RAD train (without the one image that is also a MedPix dev image) and "
     "MedPix 2.0 train. Nothing of VQA-RAD test or MedPix dev is seen by any step.\n"
     "- **Tokenizer**: byte-level BPE trained with `tokenizers` on the training text only (VQA-RAD train questions and "
     "answers, MedPix 2.0 train captions, labels and case text, the prompt templates); {vocab} tokens, Qwen2 "
     "pre-tokenizer, the UniMedVL special tokens at ids 0–6.\n"
-    "- **VAE (stage 0a)**: the FLUX autoencoder layout (same diffusers block types, 2×2 latent patches) at its own "
-    "geometry — {vae_levels} levels = {downsampling}× downsampling, {latent_channels} latent channels, widths "
-    "{vae_channels}, {vae_parameters} parameters — trained on the training images at {image_size} px (L1 + MSE + "
-    "1e-4 KL, {vae_steps} steps of {vae_batch} random {vae_crop}-px crops); `scaling_factor` {scale:.4f} / "
+    "- **VAE (stage 0a)**: the FLUX autoencoder layout (same diffusers block types) at its own geometry — "
+    "{vae_levels} levels = {downsampling}× downsampling, {latent_channels} latent channels, widths {vae_channels}, "
+    "{vae_parameters} parameters, {patch_side}×{patch_side} latent patches per generation token — trained on the "
+    "training images at {image_size} px (L1 + MSE + {kl_weight:g} KL, {vae_steps} steps of {vae_batch} {vae_views}); "
+    "`scaling_factor` {scale:.4f} / "
     "`shift_factor` {shift:.4f} from its latent statistics. Reconstruction PSNR on training images {vae_psnr} dB "
     "(2× bicubic: {vae_bicubic} dB).\n"
     "- **Vision encoder (stage 0b)**: the model's SigLIP NaViT, connector and position table pretrained with linear "
@@ -190,7 +191,7 @@ TINY_RECIPE = (
     "NaViT hidden {vit_hidden}, {vit_layers} layers, patch {patch}, images ≤ {understanding_side} px; generation at "
     "{image_size} px ({tokens} latent tokens); {params} parameters, float32 ({megabytes} MB of safetensors).\n"
     "- **Curriculum**: the package's stages 1, 2, 3 (`unimedvl_training.curriculum.run_curriculum`, shipped "
-    "mixtures, loss weights and freezing: ViT and VAE frozen) with LR {learning_rate} (constant, cosine in stage 3), "
+    "mixtures and loss weights; {frozen}) with LR {learning_rate} (constant, cosine in stage 3), "
     "batch {batch}, {steps} steps. Understanding: VQA-RAD train questions (a few per conversation), a region "
     "question per VQA-RAD train image (its organ label), MedPix train modality / region / plane questions on "
     "{num_views} views (the whole image, random crops, flips, contrast changes) of each image, and each MedPix caption "
@@ -198,6 +199,10 @@ TINY_RECIPE = (
     "and captions; image-to-image: 2× super-resolution of every MedPix train image. Loss (first → last 10 logged "
     "steps): {curves}."
 )
+
+
+FREEZE_NAMES = {"vit": "ViT", "vae": "VAE", "und": "understanding expert", "gen": "generation expert"}
+"""Card names of the curriculum's `freeze` keys."""
 
 
 def tiny_recipe(build: dict) -> str:
@@ -208,13 +213,22 @@ def tiny_recipe(build: dict) -> str:
         f"MSE {stage['mse']['first10_mean']} → {stage['mse']['last10_mean']}"
         for stage in build["stages"]
     )
-    tokens = (build["image_size"] // (vae["downsampling"] * 2)) ** 2
+    together = build.get("stage0_in_parallel", False)
+    total_s = sum(timings.values()) - (min(timings.get("vae_s", 0), timings.get("vision_s", 0)) if together else 0)
+    patch_side = build.get("latent_patch_size", 2)
+    tokens = (build["image_size"] // (vae["downsampling"] * patch_side)) ** 2
+    crop = vae["train_crop"]
+    frozen = [name for name, is_frozen in build.get("freeze", {"vit": True, "vae": True}).items() if is_frozen]
+    trained = [name for name, is_frozen in build.get("freeze", {"vit": True, "vae": True}).items() if not is_frozen]
     return TINY_RECIPE.format(
         command=build["command"], seed=build["seed"], machine=build.get("machine", "2-core CPU dev box"),
         threads=build.get("torch_threads", "?"), vocab=build.get("vocab_size", "?"),
         vae_levels=len(vae["block_out_channels"]), downsampling=vae["downsampling"], latent_channels=vae["latent_channels"],
         vae_channels=tuple(vae["block_out_channels"]), vae_parameters=f"{vae['parameters']:,}", image_size=build["image_size"],
-        vae_steps=vae["steps"], vae_batch=vae["batch_size"], vae_crop=vae["train_crop"], scale=vae["scaling_factor"],
+        vae_steps=vae["steps"], vae_batch=vae["batch_size"], scale=vae["scaling_factor"], patch_side=patch_side,
+        vae_views="whole images" if crop >= build["image_size"] else f"random {crop}-px crops", kl_weight=vae["kl_weight"],
+        frozen=f"frozen: {', '.join(FREEZE_NAMES[n] for n in frozen) or 'nothing'}; trained: "
+        f"{', '.join(FREEZE_NAMES[n] for n in trained) or 'nothing'}",
         shift=vae["shift_factor"], vae_psnr=vae["train_psnr"], vae_bicubic=vae["train_psnr_2x_bicubic"],
         vision_steps=build["vision"]["steps"], vision_batch=build["vision"]["batch_size"],
         hidden=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
@@ -223,7 +237,8 @@ def tiny_recipe(build: dict) -> str:
         tokens=tokens, params=f"{build.get('parameters', 0):,}", megabytes=build.get("megabytes", "?"),
         learning_rate=build["learning_rate"], batch=build["batch_size"],
         steps=" / ".join(str(s) for s in build.get("stage_steps", [])), curves=curves, num_views=build.get("num_views", 1),
-        total_min=round(sum(timings.values()) / 60), vae_s=timings.get("vae_s", "?"),
+        total_min=round(total_s / 60), vae_s=timings.get("vae_s", "?"),
+        stage0_together=" (both at the same time, one process each)" if together else "",
         **{k: timings.get(k, "?") for k in ("tokenizer_s", "vision_s", "data_s", "stage1_s", "stage2_s", "stage3_s")},
     )
 

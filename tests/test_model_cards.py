@@ -38,6 +38,43 @@ def test_tiny_card_lists_measured_results_against_baselines(tmp_path):
     assert "| closed yes/no accuracy | VQA-RAD test | 0.71 | 0.55 |" in reloaded.text
 
 
+def tiny_build_summary(**changes) -> dict:
+    """A `build_summary.json` of `unimedvl_training.build_unimedvl_tiny` (the fields the card reads)."""
+    summary = {
+        "command": "python -m unimedvl_training.build_unimedvl_tiny --threads 2", "seed": 0, "torch_threads": 2,
+        "timings_s": {"tokenizer_s": 0.5, "vae_s": 780.0, "vision_s": 1100.0, "data_s": 60.0, "stage1_s": 900.0, "stage2_s": 700.0, "stage3_s": 720.0},
+        "vae": {"block_out_channels": [16, 32], "downsampling": 2, "latent_channels": 16, "parameters": 123456, "steps": 800,
+                "batch_size": 16, "train_crop": 64, "kl_weight": 1e-05, "scaling_factor": 0.5, "shift_factor": -0.25,
+                "train_psnr": 33.1, "train_psnr_2x_bicubic": 26.2},
+        "vision": {"steps": 3000, "batch_size": 32},
+        "text_config": {"hidden_size": 160, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 640},
+        "vision_config": {"hidden_size": 128, "num_hidden_layers": 4, "patch_size": 14},
+        "image_size": 64, "latent_patch_size": 4, "understanding_side": 112, "parameters": 5_000_000, "megabytes": 20.3,
+        "learning_rate": 1e-3, "batch_size": 16, "stage_steps": [1200, 1000, 1000], "num_views": 3, "stages": [],
+        "freeze": {"vit": False, "vae": True, "und": False, "gen": False}, "stage0_in_parallel": True,
+    }
+    summary.update(changes)
+    return summary
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, ("2 levels = 2× downsampling", "4×4 latent patches per generation token", "1e-05 KL, 800 steps of 16 whole images",
+              "(64 latent tokens)", "frozen: VAE; trained: ViT, understanding expert, generation expert",
+              "VAE 780.0 s, vision encoder 1100.0 s (both at the same time, one process each)", "(total 58 min)")),
+        ({"latent_patch_size": 2, "vae": dict(tiny_build_summary()["vae"], downsampling=4, block_out_channels=[16, 32, 64], train_crop=32)},
+         ("3 levels = 4× downsampling", "2×2 latent patches", "800 steps of 16 random 32-px crops", "(64 latent tokens)")),
+        ({"freeze": {"vit": True, "vae": True, "und": False, "gen": False}, "stage0_in_parallel": False},
+         ("frozen: ViT, VAE; trained: understanding expert, generation expert", "vision encoder 1100.0 s, data", "(total 71 min)")),
+    ],
+)
+def test_tiny_recipe_describes_the_build_that_ran(changes, expected):
+    recipe = build_model_cards.tiny_recipe(tiny_build_summary(**changes))
+    for text in expected:
+        assert text in recipe, text
+
+
 def test_publish_to_a_local_folder_target(converted_dir, tmp_path):
     build_model_cards.main(["--output-dir", str(tmp_path / "cards")])
     target = tmp_path / "hub-repo"

@@ -330,8 +330,8 @@ def grey_tensor(image: Image.Image):
     return torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32))[None]
 
 
-def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int, sampling: dict, batch_size: int, count: int | None = None) -> dict:
-    """2× super-resolution of every MedPix dev image (`count`: the first ones only) at the generation size: the
+def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int, sampling: dict, batch_size: int, count: int | None = None, split: str = "dev") -> dict:
+    """2× super-resolution of every MedPix `split` image (`count`: the first ones only) at the generation size: the
     input is the image halved and enlarged back (bicubic), the target the image; PSNR / SSIM of the model's output
     and of the bicubic input against the target (grey, 8 bit), and of the target's own VAE reconstruction (what any
     output decoded by this VAE can reach). Batches hold images of one size."""
@@ -340,8 +340,8 @@ def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int
     from unimedvl_pipelines.evaluation.image_metrics import psnr_ssim
     from unimedvl_pipelines.evaluation.runner import generate_images, in_batches, item_seed
 
-    rows = medpix_rows(data_dir, "dev")[:count]
-    pairs_dir = os.path.join(output_dir, "sr_pairs")
+    rows = medpix_rows(data_dir, split)[:count]
+    pairs_dir = os.path.join(output_dir, "sr_pairs" if split == "dev" else f"sr_pairs_{split}")
     os.makedirs(pairs_dir, exist_ok=True)
     by_size: dict[tuple[int, int], list] = {}
     for row in rows:
@@ -486,7 +486,7 @@ def main(argv=None) -> dict:
         elif task == "text_to_image":
             evaluation[task] = text_to_image(model, processor, classifier, args.data, args.output, args.seed, sampling, args.batch_size, args.limit, args.split)
         elif task == "super_resolution":
-            evaluation[task] = super_resolution(model, processor, args.data, args.output, args.seed, sr_sampling, args.batch_size, args.limit)
+            evaluation[task] = super_resolution(model, processor, args.data, args.output, args.seed, sr_sampling, args.batch_size, args.limit, args.split)
         elif task == "grid":
             path = args.grid or os.path.join(args.output, "card_grid.png")
             evaluation[task] = prompt_grid(model, processor, CARD_PROMPTS, [0, 1, 2, 3], sampling, path, classifier)
