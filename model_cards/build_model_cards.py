@@ -218,8 +218,9 @@ def tiny_recipe(build: dict) -> str:
     patch_side = build.get("latent_patch_size", 2)
     tokens = (build["image_size"] // (vae["downsampling"] * patch_side)) ** 2
     crop = vae["train_crop"]
-    frozen = [name for name, is_frozen in build.get("freeze", {"vit": True, "vae": True}).items() if is_frozen]
-    trained = [name for name, is_frozen in build.get("freeze", {"vit": True, "vae": True}).items() if not is_frozen]
+    freeze = build.get("freeze", {"vit": True, "vae": True})
+    frozen = [name for name, is_frozen in freeze.items() if is_frozen]
+    trained = [name for name, is_frozen in freeze.items() if not is_frozen]
     return TINY_RECIPE.format(
         command=build["command"], seed=build["seed"], machine=build.get("machine", "2-core CPU dev box"),
         threads=build.get("torch_threads", "?"), vocab=build.get("vocab_size", "?"),

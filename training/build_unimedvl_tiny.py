@@ -26,8 +26,8 @@ the same weights, bit for bit, as an uninterrupted one):
    threads.
 4. **Start model** — the model of step 2 with the VAE of step 3 inside (`assemble_start_model`).
 5. **Curriculum** — the project's stages 1, 2, 3 (`run_curriculum`, shipped stage configs + `curriculum_config`
-   overrides: steps, LR, batch, small resolutions; the VAE frozen as in the original, the ViT trained on, as the
-   original's was during its pretraining, since this one starts from 3,000 steps on 2,000 images) on: understanding = VQA-RAD
+   overrides: steps, LR, batch, small resolutions; ViT and VAE frozen as in the original: trained on at the
+   curriculum's LR, the pretrained ViT loses what it learnt) on: understanding = VQA-RAD
    train questions (several per conversation), a region question per VQA-RAD train image (organ label), MedPix train
    modality / region / plane questions (one conversation per view, questions in random order) on `num_views` views of
    each image, and MedPix captions as answers to the report prompt; text-to-image = MedPix train images from label
@@ -726,12 +726,18 @@ def pretrain_vision(data_dir: str, model_dir: str, output_dir: str, seed: int, s
 
 
 def _reduced_grey(path: str, side: int) -> Image.Image:
-    """The grey image at `path`, shrunk (bicubic) so that its long side is at most `side`: views are cropped from it
-    and then resized to the understanding size, so a full-resolution copy would only cost time."""
+    """The grey image at `path`, shrunk so that its long side is at most `side`: views are cropped from it and then
+    resized to the understanding size, so a full-resolution copy would only cost time."""
     with Image.open(path) as image:
-        grey = image.convert("L")
-    scale = min(1.0, side / max(grey.size))
-    return grey if scale == 1.0 else grey.resize((max(1, round(grey.width * scale)), max(1, round(grey.height * scale))), Image.BICUBIC)
+        return _fit_within(image.convert("L"), side)
+
+
+def _fit_within(image: Image.Image, side: int) -> Image.Image:
+    """`image` shrunk (bicubic, aspect kept) so that its long side is at most `side`; a smaller image as it is."""
+    scale = min(1.0, side / max(image.size))
+    if scale == 1.0:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
 
 
 def pretrain_in_parallel(jobs: dict, threads: int) -> dict:
@@ -777,10 +783,7 @@ def saved_views(source: str, out_dir: str, name: str, count: int, seed: int) -> 
     with Image.open(source) as image:
         image = image.convert("L")
         for index, path in enumerate(paths):
-            view = image if index == 0 else augmented_view(image, rng)
-            scale = min(1.0, UNDERSTANDING_SIDE / max(view.size))
-            view = view.resize((max(1, round(view.width * scale)), max(1, round(view.height * scale))), Image.BICUBIC)
-            view.save(path)
+            _fit_within(image if index == 0 else augmented_view(image, rng), UNDERSTANDING_SIDE).save(path)
     return paths
 
 
@@ -867,7 +870,7 @@ def _t2i_row(image_name: str, prompt: str) -> dict:
 
 def curriculum_config(data: dict, stage_steps, batch_size: int, learning_rate: float, seed: int) -> dict:
     """The user config of the three stages: the data, the Tiny resolutions, and per-stage overrides of the shipped
-    stage configs (steps, LR, batch; the pretrained ViT is trained on, the VAE stays frozen as in the original)."""
+    stage configs (steps, LR, batch; the pretrained ViT stays frozen as in the original, the VAE too)."""
     return {
         "data": data,
         "image_transforms": IMAGE_TRANSFORMS,
@@ -1085,18 +1088,18 @@ def main(argv=None) -> dict:
                             DEFAULTS["vae_batch_size"], DEFAULTS["vae_learning_rate"], DEFAULTS["vae_kl_weight"], args.save_every)),
     }
     in_parallel = args.stop_after not in ("vision", "vae") and torch.get_num_threads() >= 2
+    reports = {}
     if not in_parallel:
-        for name in ("vision", "vae"):
-            function, f_args = stage0[name]
-            stage0[name] = (timed(f"{name}_s", function, *f_args), None)
+        for name, (function, f_args) in stage0.items():
+            reports[name] = timed(f"{name}_s", function, *f_args)
             if args.stop_after == name:
                 return {}
     else:  # independent of each other: one process each, half the threads each
         for name, (report, seconds) in pretrain_in_parallel(stage0, torch.get_num_threads() // 2).items():
             timings[f"{name}_s"] = round(timings.get(f"{name}_s", 0.0) + seconds, 1)
-            stage0[name] = (report, None)
+            reports[name] = report
         write_json(timings_path, timings, indent=1)
-    vision_report, vae_report = stage0["vision"][0], stage0["vae"][0]
+    vision_report, vae_report = reports["vision"], reports["vae"]
     print(f"VAE: train PSNR {vae_report['train_psnr']} dB (2x bicubic: {vae_report['train_psnr_2x_bicubic']} dB)", flush=True)
     if args.stop_after == "vae":
         return {}
