@@ -34,12 +34,14 @@ TINY_IMAGE_TO_IMAGE = {
     "cfg_text_scale": 1.0,
     "cfg_img_scale": 1.0,
     "cfg_interval": (0.0, 1.0),
-    "timestep_shift": 1.0,
+    "timestep_shift": 3.0,
     "vae_encode": "mean",
 }
-"""UniMedVL-Tiny's image-to-image (2× super-resolution) sampler settings. 4 steps were chosen on MedPix *train*
-images (40; PSNR / SSIM 21.44 dB / 0.652 with 2 steps, 21.78 / 0.678 with 4, 20.83 / 0.632 with 25): fewer steps
-stay nearer the mean of what the model expects, which is what PSNR rewards."""
+"""UniMedVL-Tiny's image-to-image (2× super-resolution) sampler settings, chosen on 100 MedPix *train* images (PSNR /
+SSIM: 26.34 dB / 0.870 with 4 steps at shift 3; 26.15 / 0.864 at shift 1; 26.35 / 0.868 with 3 steps at shift 2;
+26.28 / 0.869 with 5 steps at shift 3; bicubic 25.20 / 0.868): few steps stay near the mean of what the model expects,
+which is what PSNR and SSIM reward. Guidance lowers both (on an intermediate build: SSIM 0.857 without, 0.796 with
+text and image guidance 1.5)."""
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json")
 
