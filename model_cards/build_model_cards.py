@@ -203,16 +203,15 @@ TINY_RECIPE = (
 )
 
 
-MIXTURE_GROUPS = ("understanding", "text_to_image", "interleaved")
-"""The curriculum's data groups, in the order the card gives their shares."""
-
-
 def mixture_shares(mixtures: list[dict]) -> str:
-    """`"75 / 25 / 0, 40 / 45 / 11"`: each stage's normalised share (%) of the `MIXTURE_GROUPS`."""
+    """`"75 / 25 / 0, 40 / 45 / 11"`: each stage's normalised share (%) of the curriculum's `DATA_GROUPS`
+    (understanding, text-to-image, image-to-image)."""
+    from unimedvl_training.curriculum import DATA_GROUPS
+
     stages = []
     for mixture in mixtures:
-        total = sum(float(mixture.get(group, 0)) for group in MIXTURE_GROUPS)
-        stages.append(" / ".join(f"{100 * float(mixture.get(group, 0)) / total:.0f}" for group in MIXTURE_GROUPS))
+        total = sum(float(mixture.get(group, 0)) for group in DATA_GROUPS)
+        stages.append(" / ".join(f"{100 * float(mixture.get(group, 0)) / total:.0f}" for group in DATA_GROUPS))
     return ", ".join(stages)
 
 
