@@ -1,7 +1,7 @@
 """The project's declared requirements (setup.cfg), for `make test-latest`.
 
     python .ci/requirements.py --unpinned [--extra test]   names only, one per line: install the newest releases
-    python .ci/requirements.py --report                    installed version of every requirement, and whether it
+    python .ci/requirements.py --report [--extra test]     installed version of every requirement, and whether it
                                                            lies inside the declared range
 """
 
@@ -44,7 +44,7 @@ def main() -> None:
         return
     if args.report:
         outside = []
-        for name, specifier in requirements(["test"]):
+        for name, specifier in requirements(args.extra):
             version = metadata.version(name)
             ok = inside(version, specifier)
             outside += [] if ok else [name]

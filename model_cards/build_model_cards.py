@@ -170,7 +170,7 @@ TINY_RECIPE = (
     "```bash\n{command}\n```\n\n"
     "Seed {seed}; machine: {machine}; torch threads {threads}. Wall times: tokenizer {tokenizer_s} s, VAE {vae_s} s, "
     "vision encoder {vision_s} s{stage0_together}, data {data_s} s, curriculum stage 1 {stage1_s} s, stage 2 {stage2_s} s, stage 3 "
-    "{stage3_s} s, image-to-image fine-tune {image_to_image_s} s (total {total_min} min).\n\n"
+    "{stage3_s} s, generation fine-tune {generation_finetune_s} s (total {total_min} min).\n\n"
     "- **Data**: training splits only — VQA-RAD train (without the one image that is also a MedPix dev image) and "
     "MedPix 2.0 train. Nothing of VQA-RAD test or MedPix dev is seen by any step.\n"
     "- **Tokenizer**: byte-level BPE trained with `tokenizers` on the training text only (VQA-RAD train questions and "
@@ -192,36 +192,43 @@ TINY_RECIPE = (
     "{image_size} px ({tokens} latent tokens); {params} parameters, float32 ({megabytes} MB of safetensors).\n"
     "- **Curriculum**: the package's stages 1, 2, 3 (`unimedvl_training.curriculum.run_curriculum`, shipped "
     "loss weights; {frozen}) with LR {learning_rate} (constant, cosine in stage 3), batch {batch}, {steps} steps; "
-    "mixtures understanding / text-to-image / image-to-image {mixtures} %. Understanding: VQA-RAD train questions (a few per conversation), a region "
-    "question per VQA-RAD train image (its organ label), MedPix train modality / region / plane questions on "
-    "{num_views} views (the whole image, random crops, flips, contrast changes) of each image, and each MedPix caption "
-    "as the answer to the report prompt; text-to-image: MedPix train images from label prompts (\"CT, axial, head\") "
-    "and captions; image-to-image: 2× super-resolution of every MedPix train image.\n"
-    "- **Image-to-image fine-tune**: then {finetune_steps} steps on the super-resolution rows only (understanding "
-    "expert frozen as well; the ViT connector still trains), cosine LR from {finetune_lr}: the stages give "
-    "super-resolution too few rows to beat bicubic. Loss (first → last 10 logged steps): {curves}."
+    "mixtures understanding / text-to-image / image-to-image {mixtures} %. Understanding: VQA-RAD train questions "
+    "(a few per conversation), a region question per VQA-RAD train image (its organ label), MedPix train modality / "
+    "region / plane questions with a yes/no and an either-or question on the same labels (\"Is this a CT or an MRI "
+    "image?\") on {num_views} views (the whole image, random crops, flips, contrast changes) of each image, and each "
+    "MedPix caption as the answer to the report prompt; text-to-image: MedPix train images from label prompts "
+    "(\"CT, axial, head\") and captions; image-to-image: 2× super-resolution of every MedPix train image.\n"
+    "- **Generation fine-tune**: then {finetune_steps} steps on generation rows only, text-to-image / image-to-image "
+    "{finetune_mixture} % (understanding expert and ViT connector frozen as well: only the generation expert "
+    "trains), cosine LR from "
+    "{finetune_lr}: the stages give super-resolution too few rows to beat bicubic, and the text-to-image rows keep "
+    "the prompt trained. Loss (first → last 10 logged steps): {curves}."
 )
 
 
-def mixture_shares(mixtures: list[dict]) -> str:
-    """`"75 / 25 / 0, 40 / 45 / 11"`: each stage's normalised share (%) of the curriculum's `DATA_GROUPS`
-    (understanding, text-to-image, image-to-image)."""
+def mixture_shares(mixtures: list[dict], groups: tuple[str, ...] | None = None) -> str:
+    """`"75 / 25 / 0, 40 / 45 / 11"`: each stage's normalised share (%) of `groups` (default: the curriculum's
+    `DATA_GROUPS`, understanding, text-to-image, image-to-image)."""
     from unimedvl_training.curriculum import DATA_GROUPS
 
+    groups = groups or DATA_GROUPS
     stages = []
     for mixture in mixtures:
-        total = sum(float(mixture.get(group, 0)) for group in DATA_GROUPS)
-        stages.append(" / ".join(f"{100 * float(mixture.get(group, 0)) / total:.0f}" for group in DATA_GROUPS))
+        total = sum(float(mixture.get(group, 0)) for group in groups)
+        stages.append(" / ".join(f"{100 * float(mixture.get(group, 0)) / total:.0f}" for group in groups))
     return ", ".join(stages)
 
 
-FREEZE_NAMES = {"vit": "ViT", "vae": "VAE", "und": "understanding expert", "gen": "generation expert"}
+FREEZE_NAMES = {
+    "vit": "ViT", "vae": "VAE", "und": "understanding expert", "gen": "generation expert", "connector": "ViT connector",
+}
 """Card names of the curriculum's `freeze` keys."""
 
 
 def tiny_recipe(build: dict) -> str:
     """The training-recipe paragraph of the Tiny card from the build script's `build_summary.json`."""
     timings, vae, text, vision = build["timings_s"], build["vae"], build["text_config"], build["vision_config"]
+    finetune = build["generation_finetune"]
     curves = "; ".join(
         f"{stage['stage']} "
         + (f"CE {stage['ce']['first10_mean']} → {stage['ce']['last10_mean']}, " if stage["ce"]["first10_mean"] else "")
@@ -255,8 +262,9 @@ def tiny_recipe(build: dict) -> str:
         steps=" / ".join(str(s) for s in build.get("stage_steps", [])), mixtures=mixture_shares(build["stage_mixtures"]), curves=curves, num_views=build.get("num_views", 1),
         total_min=round(total_s / 60), vae_s=timings.get("vae_s", "?"),
         stage0_together=" (both at the same time, one process each)" if together else "",
-        finetune_steps=build["image_to_image_finetune"]["steps"], finetune_lr=build["image_to_image_finetune"]["learning_rate"],
-        **{k: timings.get(k, "?") for k in ("tokenizer_s", "vision_s", "data_s", "stage1_s", "stage2_s", "stage3_s", "image_to_image_s")},
+        finetune_steps=finetune["steps"], finetune_lr=finetune["learning_rate"],
+        finetune_mixture=mixture_shares([finetune["mixture"]], groups=("text_to_image", "interleaved")),
+        **{k: timings.get(k, "?") for k in ("tokenizer_s", "vision_s", "data_s", "stage1_s", "stage2_s", "stage3_s", "generation_finetune_s")},
     )
 
 

@@ -42,7 +42,7 @@ def tiny_build_summary(**changes) -> dict:
     """A `build_summary.json` of `unimedvl_training.build_unimedvl_tiny` (the fields the card reads)."""
     summary = {
         "command": "python -m unimedvl_training.build_unimedvl_tiny --threads 2", "seed": 0, "torch_threads": 2,
-        "timings_s": {"tokenizer_s": 0.5, "vae_s": 780.0, "vision_s": 1100.0, "data_s": 60.0, "stage1_s": 900.0, "stage2_s": 700.0, "stage3_s": 720.0, "image_to_image_s": 600.0},
+        "timings_s": {"tokenizer_s": 0.5, "vae_s": 780.0, "vision_s": 1100.0, "data_s": 60.0, "stage1_s": 900.0, "stage2_s": 700.0, "stage3_s": 720.0, "generation_finetune_s": 600.0},
         "vae": {"block_out_channels": [16, 32], "downsampling": 2, "latent_channels": 16, "parameters": 123456, "steps": 800,
                 "batch_size": 16, "train_crop": 64, "kl_weight": 1e-05, "scaling_factor": 0.5, "shift_factor": -0.25,
                 "train_psnr": 33.1, "train_psnr_2x_bicubic": 26.2},
@@ -52,10 +52,10 @@ def tiny_build_summary(**changes) -> dict:
         "image_size": 64, "latent_patch_size": 4, "understanding_side": 112, "parameters": 5_000_000, "megabytes": 20.3,
         "learning_rate": 1e-3, "batch_size": 16, "stage_steps": [1200, 1000, 1000], "num_views": 3,
         "stages": [{"stage": "stage3", "ce": {"first10_mean": 1.2, "last10_mean": 0.9}, "mse": {"first10_mean": 0.4, "last10_mean": 0.3}},
-                   {"stage": "image-to-image fine-tune", "ce": {"first10_mean": 0.0, "last10_mean": 0.0}, "mse": {"first10_mean": 0.2, "last10_mean": 0.1}}],
+                   {"stage": "generation fine-tune", "ce": {"first10_mean": 0.0, "last10_mean": 0.0}, "mse": {"first10_mean": 0.2, "last10_mean": 0.1}}],
         "stage_mixtures": [{"understanding": 0.75, "text_to_image": 0.25}, {"understanding": 0.4, "text_to_image": 0.45, "interleaved": 0.1},
                            {"understanding": 0.2, "text_to_image": 0.2, "interleaved": 0.6}],
-        "image_to_image_finetune": {"steps": 1600, "learning_rate": 3e-4},
+        "generation_finetune": {"steps": 1600, "learning_rate": 3e-4, "mixture": {"understanding": 0, "text_to_image": 1 / 3, "interleaved": 2 / 3}},
         "freeze": {"vit": False, "vae": True, "und": False, "gen": False}, "stage0_in_parallel": True,
     }
     summary.update(changes)
@@ -68,8 +68,8 @@ def tiny_build_summary(**changes) -> dict:
         ({}, ("2 levels = 2× downsampling", "4×4 latent patches per generation token", "1e-05 KL, 800 steps of 16 whole images",
               "(64 latent tokens)", "frozen: VAE; trained: ViT, understanding expert, generation expert",
               "VAE 780.0 s, vision encoder 1100.0 s (both at the same time, one process each)", "(total 68 min)",
-              "image-to-image fine-tune 600.0 s", "then 1600 steps on the super-resolution rows only", "cosine LR from 0.0003",
-              "stage3 CE 1.2 → 0.9, MSE 0.4 → 0.3; image-to-image fine-tune MSE 0.2 → 0.1.",
+              "generation fine-tune 600.0 s", "then 1600 steps on generation rows only, text-to-image / image-to-image 33 / 67 %",
+              "cosine LR from 0.0003", "stage3 CE 1.2 → 0.9, MSE 0.4 → 0.3; generation fine-tune MSE 0.2 → 0.1.",
               "mixtures understanding / text-to-image / image-to-image 75 / 25 / 0, 42 / 47 / 11, 20 / 20 / 60 %")),
         ({"latent_patch_size": 2, "vae": dict(tiny_build_summary()["vae"], downsampling=4, block_out_channels=[16, 32, 64], train_crop=32)},
          ("3 levels = 4× downsampling", "2×2 latent patches", "800 steps of 16 random 32-px crops", "(64 latent tokens)")),

@@ -120,6 +120,9 @@ def test_freezing_by_parameter_name(converted_dir, processor, records, tmp_path)
     assert {"llm2vae.weight", "model.vae2llm.weight", "model.time_embedder.linear_1.weight"} <= gen
     assert not und & gen and not any("vision_tower" in n or "connector" in n for n in und | gen)
     assert all(n.startswith("model.vision_tower.") for n in parameters_of(model, "vit"))
+    connector = set(parameters_of(model, "connector"))
+    assert {"model.connector.fc1.weight", "model.connector.fc2.bias"} <= connector
+    assert {n.split(".")[1] for n in connector} <= {"connector", "vit_pos_embed"} and not connector & (und | gen)
     with pytest.raises(ValueError, match="Unknown part 'llm'"):
         parameters_of(model, "llm")
 
@@ -134,6 +137,10 @@ def test_freezing_by_parameter_name(converted_dir, processor, records, tmp_path)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable
     assert "model.language_model.layers.0.self_attn.q_proj_moe_gen.weight" in changed
+    only_gen = _model(converted_dir)
+    apply_freezing(only_gen, freeze_vit=True, freeze_vae=True, freeze_und=True, freeze_connector=True)
+    assert {n for n, p in only_gen.named_parameters() if p.requires_grad} == gen | {
+        n for n, p in only_gen.named_parameters() if n.startswith("model.latent_pos_embed.") and p.requires_grad}
     frozen_model = _model(converted_dir)
     frozen_model.model.connector.requires_grad_(False)
     with pytest.raises(ValueError, match="Every parameter is frozen"):

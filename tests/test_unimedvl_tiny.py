@@ -210,16 +210,30 @@ def test_answers_modality_of_medpix_dev_images(model, processor, data_dir):
 @pytest.mark.parametrize("split", ["train", "dev"])
 def test_super_resolution_evaluation_reads_the_requested_split(model, processor, data_dir, tmp_path, split):
     """The evaluation's 2× super-resolution scores the model, the bicubic input and the VAE's own reconstruction on
-    the first images of the requested MedPix split (train: for choosing sampler settings without touching dev)."""
-    from unimedvl_training.evaluate_unimedvl_tiny import super_resolution
+    a random sample of the requested MedPix split (train: for choosing sampler settings without touching dev)."""
+    from unimedvl_training.evaluate_unimedvl_tiny import sampled_rows, super_resolution
 
     sampling = dict(default_model.TINY_IMAGE_TO_IMAGE, num_inference_steps=2)
     result = super_resolution(model, processor, str(data_dir), str(tmp_path), 0, sampling, batch_size=2, count=2, split=split)
     assert result["n"] == 2 and result["sampling"]["num_inference_steps"] == 2
-    first = build.medpix_rows(str(data_dir), split)[0]["image"]
     pairs = tmp_path / ("sr_pairs" if split == "dev" else f"sr_pairs_{split}")
-    assert (pairs / f"{first}_model.png").is_file()
+    assert sorted(path.name for path in pairs.glob("*_model.png")) == [f"{row['image']}_model.png" for row in sampled_rows(str(data_dir), split, 2, 0)]
     assert 10 < result["bicubic_psnr"] < 40 and 0 < result["ssim"] <= 1 and 0 <= result["model_beats_bicubic_fraction"] <= 1
+
+
+def test_evaluation_samples_both_modalities_when_limited(data_dir):
+    """A limited evaluation draws its rows at random (seeded, in file order): the files are sorted by case and their
+    first 160 train rows are all CT, which made an earlier guidance sweep measure CT prompts only."""
+    from unimedvl_training.evaluate_unimedvl_tiny import sampled_rows
+
+    rows = build.medpix_rows(str(data_dir), "train")
+    assert {row["Type"] for row in rows[:160]} == {"CT"}
+    sample = sampled_rows(str(data_dir), "train", 160, 0)
+    assert len(sample) == 160 and sample == sampled_rows(str(data_dir), "train", 160, 0)
+    assert sample == [row for row in rows if row in sample] and sample != sampled_rows(str(data_dir), "train", 160, 1)
+    assert 0.3 < sum(row["Type"] == "MR" for row in sample) / 160 < 0.7
+    assert sampled_rows(str(data_dir), "dev", None, 0) == build.medpix_rows(str(data_dir), "dev")
+    assert sampled_rows(str(data_dir), "dev", 10_000, 0) == build.medpix_rows(str(data_dir), "dev")
 
 
 def test_build_data_rows(data_dir, tmp_path):
@@ -240,6 +254,42 @@ def test_build_data_rows(data_dir, tmp_path):
     assert all(row["message"][0]["value"].startswith("<image>\n") for row in understanding)
 
 
+@pytest.mark.parametrize(
+    ("row", "kinds"),
+    [
+        ({"Type": "MR", "Location Category": "Head", "Description": {"Plane": "Sagittal"}}, {"modality", "region", "plane"}),
+        ({"Type": "CT", "Location Category": "Unknown", "Description": {"Plane": "Oblique"}}, {"modality"}),
+        ({"Type": "CT", "Description": None}, {"modality"}),
+    ],
+)
+def test_medpix_choice_questions_ask_about_known_labels_in_vqa_rad_forms(row, kinds):
+    """The extra label questions: one yes/no (true half of the time) and one either-or question whose answer is the
+    true one of its two options, in the option's own words; only label kinds the row has are asked about."""
+    import itertools
+    import random
+
+    truth = {"modality": row["Type"], "region": build.norm_region(row), "plane": build.norm_plane(row)}
+    yes_no_forms, either_or_forms = {}, {}
+    for kind, words in build.LABEL_WORDS.items():
+        yes_no, either_or = build.LABEL_QUESTIONS[kind]
+        yes_no_forms |= {yes_no.format(word): (kind, value) for value, word in words.items()}
+        either_or_forms |= {either_or.format(words[a], words[b]): (kind, a, b) for a, b in itertools.permutations(words, 2)}
+    rng, answers, asked = random.Random(0), [], set()
+    for _ in range(200):
+        (yes_no, yes_no_answer), (either_or, either_or_answer) = build.medpix_choice_questions(row, rng)
+        kind, value = yes_no_forms[yes_no]
+        assert yes_no_answer == ("yes" if value == truth[kind] else "no"), yes_no
+        choice_kind, first, second = either_or_forms[either_or]
+        assert truth[choice_kind] in (first, second), either_or
+        assert either_or_answer == build.LABEL_WORDS[choice_kind][truth[choice_kind]].split(" ", 1)[1], either_or
+        answers.append(yes_no_answer)
+        asked |= {kind, choice_kind}
+    assert asked == kinds and 70 < answers.count("yes") < 130
+    assert ("Is this a CT or an MRI image?", "MRI" if row["Type"] == "MR" else "CT") in {
+        build.medpix_choice_questions(row, random.Random(i))[1] for i in range(100)
+    }
+
+
 def test_curriculum_config_overrides_only_the_stage_3_mixture():
     """Stages 1 and 2 train on the shipped (paper) mixtures; stage 3 on the Tiny's image-to-image-heavy one."""
     from unimedvl_training.curriculum import load_stage_config
@@ -252,11 +302,11 @@ def test_curriculum_config_overrides_only_the_stage_3_mixture():
     assert [load_stage_config(stage, config)["training"]["max_steps"] for stage in (1, 2, 3)] == [3, 2, 1]
 
 
-def test_image_to_image_finetune_trains_the_generation_expert_on_super_resolution_only():
+def test_generation_finetune_trains_the_generation_expert_on_generation_rows_only():
     config = build.curriculum_config({}, (3, 2, 1), 4, 1e-3, 0)
-    finetune = build.image_to_image_config(config, 7, 3e-4)
-    assert finetune["mixture"] == {"understanding": 0, "text_to_image": 0, "interleaved": 1.0}
-    assert finetune["freeze"] == {"vit": True, "vae": True, "und": True, "gen": False}
+    finetune = build.generation_finetune_config(config, 7, 3e-4)
+    assert finetune["mixture"] == {"understanding": 0, "text_to_image": 1 / 3, "interleaved": 2 / 3}
+    assert finetune["freeze"] == {"vit": True, "vae": True, "und": True, "gen": False, "connector": True}
     training = finetune["training"]
     assert (training["max_steps"], training["learning_rate"], training["lr_scheduler_type"]) == (7, 3e-4, "cosine")
     assert training["per_device_train_batch_size"] == 4 and finetune["stage"] == 3
@@ -328,16 +378,17 @@ def test_reduced_grey_keeps_small_images_and_shrinks_large_ones(tmp_path):
 
 @pytest.mark.slow
 def test_the_build_script_runs_end_to_end(data_dir, tmp_path):
-    """Every step of the build (tokenizer, VAE, model, vision, data, three stages, image-to-image fine-tune, final
+    """Every step of the build (tokenizer, VAE, model, vision, data, three stages, generation fine-tune, final
     folder) for two steps each."""
     summary = build.main([
         "--data", str(data_dir), "--output", str(tmp_path), "--vae-steps", "2", "--vision-steps", "2",
-        "--stage-steps", "2", "2", "2", "--image-to-image-steps", "2", "--batch-size", "2", "--num-sr", "4", "--vocab-size", "600", "--num-views", "1",
+        "--stage-steps", "2", "2", "2", "--generation-finetune-steps", "2", "--batch-size", "2", "--num-sr", "4", "--vocab-size", "600", "--num-views", "1",
         "--threads", "2",  # the VAE and vision steps run in two processes
     ])
     assert summary["vocab_size"] == 600 and summary["dtypes"] == ["F32"]
-    assert [stage["stage"] for stage in summary["stages"]] == ["stage1", "stage2", "stage3", "image-to-image fine-tune"]
-    assert summary["image_to_image_finetune"] == {"steps": 2, "learning_rate": build.IMAGE_TO_IMAGE_FINETUNE["learning_rate"]}
+    assert [stage["stage"] for stage in summary["stages"]] == ["stage1", "stage2", "stage3", "generation fine-tune"]
+    assert summary["generation_finetune"] == {"steps": 2, "learning_rate": build.GENERATION_FINETUNE["learning_rate"],
+                                              "mixture": build.GENERATION_FINETUNE["mixture"]}
     loaded = m.UniMedVLForConditionalGeneration.from_pretrained(summary["final"])
     assert loaded.config.text_config.vocab_size == 600
     assert set(build.code_files(summary["final"])) == set(build.current_code())

@@ -1,5 +1,5 @@
-"""Builds UniMedVL-Tiny from scratch on the CPU: tokenizer, VAE, vision encoder, the three curriculum stages, an
-image-to-image fine-tune.
+"""Builds UniMedVL-Tiny from scratch on the CPU: tokenizer, VAE, vision encoder, the three curriculum stages, a
+generation fine-tune.
 
     python -m unimedvl_training.build_unimedvl_tiny --data ../shared/data --output outputs/unimedvl_tiny --seed 0 \
         --threads 2 --ship
@@ -30,12 +30,14 @@ the same weights, bit for bit, as an uninterrupted one):
    overrides: steps, LR, batch, small resolutions; ViT and VAE frozen as in the original: trained on at the
    curriculum's LR, the pretrained ViT loses what it learnt) on: understanding = VQA-RAD
    train questions (several per conversation), a region question per VQA-RAD train image (organ label), MedPix train
-   modality / region / plane questions (one conversation per view, questions in random order) on `num_views` views of
-   each image, and MedPix captions as answers to the report prompt; text-to-image = MedPix train images from label
+   modality / region / plane questions with a yes/no and an either-or question on the same labels
+   (`medpix_choice_questions`; one conversation per view, questions in random order) on `num_views` views of each
+   image, and MedPix captions as answers to the report prompt; text-to-image = MedPix train images from label
    prompts ("CT, axial, head") and captions; image-to-image = 2× super-resolution of every MedPix train image. Stage 3
    takes a larger share of image-to-image rows than the paper's (`STAGE_MIXTURES`).
-6. **Image-to-image fine-tune** — super-resolution rows only, understanding expert frozen
-   (`IMAGE_TO_IMAGE_FINETUNE`, `image_to_image_config`): the stages give super-resolution too few rows to beat bicubic.
+6. **Generation fine-tune** — super-resolution and text-to-image rows only, understanding expert and ViT connector
+   frozen (`GENERATION_FINETUNE`, `generation_finetune_config`): the stages give super-resolution too few rows to beat
+   bicubic.
 7. **Final folder** (`OUTPUT/final`): config with `auto_map`, `model.safetensors` (float32), tokenizer, processor,
    generation config and the package's model code, written by `save_pretrained` — loadable with `from_pretrained`,
    the `Auto*` classes and `trust_remote_code=True` without this package (Hub-ready). With `--ship` it is installed
@@ -174,13 +176,21 @@ STAGE_MIXTURES = {3: {"understanding": 0.3, "text_to_image": 0.3, "interleaved":
 """Tiny's override of the shipped stage mixtures (stages 1 and 2 keep the paper's): a larger stage-3 share of
 image-to-image rows (40 % against 25 %). With the paper's share (about 5,600 super-resolution rows over stages 2 and
 3) the generation expert had not learned to carry the input over: 21.4 dB on MedPix dev against 24.8 dB for bicubic."""
-IMAGE_TO_IMAGE_FINETUNE = {"steps": 1600, "learning_rate": 1e-3}
-"""The last step: super-resolution rows only, understanding expert frozen as well (the ViT connector, which carries
-the input image's ViT tokens, still trains, so understanding answers move a little), cosine LR from `learning_rate`.
-Super-resolution needs far more rows than the stages give it: after stage 3, MedPix dev (197 images, bicubic 25.65 dB
-/ 0.855 SSIM) reached 26.70 dB / 0.863 with this step against 26.41 / 0.854 with LR 3e-4. Spread over one long mixed
-stage 3 instead (3,500 steps at 20 / 20 / 60 %) the same number of rows reached 26.62 / 0.861, but text-to-image lost
-its prompt: generated-image region accuracy 53 % against 70 % with this step."""
+GENERATION_FINETUNE = {
+    "steps": 2400,
+    "learning_rate": 1e-3,
+    "mixture": {"understanding": 0, "text_to_image": 1 / 3, "interleaved": 2 / 3},
+}
+"""The last step: generation rows only (`mixture`; "interleaved" = the super-resolution rows), understanding expert
+and ViT connector frozen (only the generation expert trains), cosine LR from `learning_rate`. Super-resolution needs
+far more rows than the stages give it: after stage 3, MedPix dev (197 images, bicubic 25.65 dB / 0.855 SSIM) reached
+26.70 dB / 0.863 with 1,600 steps of super-resolution rows only (v3) against 26.41 / 0.854 with LR 3e-4, but those
+steps cost text-to-image about 3 points of generated-image modality (400 train prompts: 78.5 % after, 81.7 % before);
+with a third of text-to-image rows (the same 1,600 super-resolution steps) dev generated-image modality rose to 86.8 %
+(v3 80.7 %; SR 26.51 / 0.858). With the connector training (as in v3) the step cost understanding answers (MedPix dev
+modality 84.3 → 79.7 %, open recall 20.7 → 19.5 %); frozen, they stay stage 3's. Spread over one long mixed stage 3
+instead (3,500 steps at 20 / 20 / 60 %) the super-resolution rows reached 26.62 / 0.861, but text-to-image lost its
+prompt: generated-image region accuracy 53 % against 70 % with a last fine-tune."""
 
 DEFAULTS = {
     "vocab_size": 3000,
@@ -227,6 +237,38 @@ def medpix_questions(row: dict) -> list[tuple[str, str]]:
     if plane != "other":
         pairs.append((PLANE_QUESTION, plane))
     return pairs
+
+
+LABEL_WORDS = {
+    "modality": {"CT": "a CT", "MR": "an MRI"},
+    "plane": {name: f"an {name}" if name[0] in "aeiou" else f"a {name}" for name in PLANE_NAMES},
+    "region": {name: f"the {name}" for name in REGION_NAMES},
+}
+"""How the yes/no and either-or questions name each label value ("an MRI", "a sagittal", "the head")."""
+LABEL_QUESTIONS = {
+    "modality": ("Is this {} image?", "Is this {} or {} image?"),
+    "plane": ("Is this {} image?", "Is this {} or {} image?"),
+    "region": ("Does this image show {}?", "Does this image show {} or {}?"),
+}
+"""(yes/no, either-or) question templates per label kind, in the forms VQA-RAD asks them ("Is this an MRI?",
+"Is this a CT or an MRI?")."""
+
+
+def medpix_choice_questions(row: dict, rng: random.Random) -> list[tuple[str, str]]:
+    """A yes/no and an either-or question on one MedPix image's labels (each on a label kind drawn at random): the
+    yes/no one names the true value or another at random (half of each), the either-or one the true value and
+    another in random order, answered with the option's own words ("MRI", "sagittal", "head")."""
+    known = {"modality": row["Type"], "region": norm_region(row), "plane": norm_plane(row)}
+    kinds = [kind for kind, value in known.items() if value in LABEL_WORDS[kind]]
+    yes_no_kind, choice_kind = rng.choice(kinds), rng.choice(kinds)
+    words = LABEL_WORDS[yes_no_kind]
+    asked = known[yes_no_kind] if rng.random() < 0.5 else rng.choice([v for v in words if v != known[yes_no_kind]])
+    pairs = [(LABEL_QUESTIONS[yes_no_kind][0].format(words[asked]), "yes" if asked == known[yes_no_kind] else "no")]
+    words = LABEL_WORDS[choice_kind]
+    options = [known[choice_kind], rng.choice([v for v in words if v != known[choice_kind]])]
+    rng.shuffle(options)
+    question = LABEL_QUESTIONS[choice_kind][1].format(words[options[0]], words[options[1]])
+    return pairs + [(question, words[known[choice_kind]].split(" ", 1)[1])]
 
 
 def held_out_synpics(data_dir: str) -> set[str]:
@@ -816,8 +858,9 @@ def build_data(data_dir: str, out_dir: str, seed: int, num_views: int = DEFAULTS
 
     Understanding: VQA-RAD train questions grouped by image into conversations of `questions_per_turn` questions
     (`vqa_rounds` different random groupings), a region question per VQA-RAD train image (its organ label), one
-    conversation with the MedPix modality / region / plane questions (random order) per view of each MedPix train
-    image (`num_views` views, `saved_views`), and the MedPix caption as the answer to the report prompt.
+    conversation with the MedPix modality / region / plane questions and a yes/no and an either-or question on the
+    same labels (`medpix_choice_questions`; random order) per view of each MedPix train image (`num_views` views,
+    `saved_views`), and the MedPix caption as the answer to the report prompt.
     Text-to-image: each MedPix train image from its label prompt and from its caption. Image-to-image: 2×
     super-resolution pairs of the MedPix train images (`num_sr`, default all)."""
     data_dir, out_dir = os.path.abspath(data_dir), os.path.abspath(out_dir)  # image paths in the JSONL are absolute
@@ -842,7 +885,7 @@ def build_data(data_dir: str, out_dir: str, seed: int, num_views: int = DEFAULTS
     for row in medpix:
         views = saved_views(os.path.join(medpix_images, f"{row['image']}.png"), os.path.join(out_dir, "medpix_views"), row["image"], num_views, seed)
         for view in views:
-            pairs = medpix_questions(row)
+            pairs = medpix_questions(row) + medpix_choice_questions(row, rng)
             rng.shuffle(pairs)
             understanding.append(conversation(view, pairs))
         caption = ((row.get("Description") or {}).get("Caption") or "").strip()
@@ -914,17 +957,17 @@ def curriculum_config(data: dict, stage_steps, batch_size: int, learning_rate: f
     }
 
 
-def image_to_image_config(user_config: dict, steps: int, learning_rate: float) -> dict:
-    """The stage config of the image-to-image fine-tune (`IMAGE_TO_IMAGE_FINETUNE`): stage 3's, on the
-    super-resolution rows only, for `steps` steps of a cosine schedule from `learning_rate`, with the understanding
-    expert frozen as well."""
+def generation_finetune_config(user_config: dict, steps: int, learning_rate: float) -> dict:
+    """The stage config of the generation fine-tune (`GENERATION_FINETUNE`): stage 3's, on its mixture of
+    super-resolution and text-to-image rows, for `steps` steps of a cosine schedule from `learning_rate`, with the
+    understanding expert and the ViT connector frozen as well: only the generation expert trains."""
     from .curriculum import load_stage_config
 
     stage3 = user_config["stages"][3]
     override = {
         "training": dict(stage3["training"], max_steps=steps, learning_rate=learning_rate),
-        "mixture": {"understanding": 0, "text_to_image": 0, "interleaved": 1.0},
-        "freeze": dict(user_config["freeze"], und=True),
+        "mixture": GENERATION_FINETUNE["mixture"],
+        "freeze": dict(user_config["freeze"], und=True, connector=True),
     }
     return load_stage_config(3, dict(user_config, stages={3: override}))
 
@@ -1063,7 +1106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=DEFAULTS["vae_steps"])
     parser.add_argument("--vision-steps", type=int, default=DEFAULTS["vision_steps"])
     parser.add_argument("--stage-steps", type=int, nargs=3, default=list(DEFAULTS["stage_steps"]), metavar=("S1", "S2", "S3"))
-    parser.add_argument("--image-to-image-steps", type=int, default=IMAGE_TO_IMAGE_FINETUNE["steps"], help="steps of the last, super-resolution-only step")
+    parser.add_argument("--generation-finetune-steps", type=int, default=GENERATION_FINETUNE["steps"], help="steps of the last step, the generation fine-tune")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     parser.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"])
     parser.add_argument("--num-views", type=int, default=DEFAULTS["num_views"], help="views per MedPix image for the understanding questions")
@@ -1147,8 +1190,8 @@ def main(argv=None) -> dict:
     for stage in (1, 2, 3):
         previous = start_dir if stage == 1 else finals[-1]
         finals += timed(f"stage{stage}_s", run_curriculum, [stage], _stage_only(user_config, stage), previous, output, use_cpu=True)
-    finetune = image_to_image_config(user_config, args.image_to_image_steps, IMAGE_TO_IMAGE_FINETUNE["learning_rate"])
-    finals.append(timed("image_to_image_s", run_stage, finetune, finals[-1], os.path.join(output, "image_to_image"), use_cpu=True))
+    finetune = generation_finetune_config(user_config, args.generation_finetune_steps, GENERATION_FINETUNE["learning_rate"])
+    finals.append(timed("generation_finetune_s", run_stage, finetune, finals[-1], os.path.join(output, "generation_finetune"), use_cpu=True))
     final = os.path.join(output, "final")
     if not os.path.isfile(os.path.join(final, "model.safetensors")):
         write_final(finals[-1], final, os.path.join(output, "vae_stage", "vae"), args.ema)
@@ -1158,7 +1201,7 @@ def main(argv=None) -> dict:
         "timings_s": timings,
         "vae": {k: v for k, v in vae_report.items() if k != "history"},
         "vision": {k: v for k, v in vision_report.items() if k != "history"},
-        "stages": [summarize(name, f) for name, f in zip(("stage1", "stage2", "stage3", "image-to-image fine-tune"), finals)],
+        "stages": [summarize(name, f) for name, f in zip(("stage1", "stage2", "stage3", "generation fine-tune"), finals)],
         "final": final,
         "use_ema": args.ema,
         "torch_threads": torch.get_num_threads(),
@@ -1166,7 +1209,8 @@ def main(argv=None) -> dict:
         "vocab_size": len(tokenizer),
         "stage_steps": list(args.stage_steps),
         "stage_mixtures": [load_stage_config(stage, user_config)["mixture"] for stage in (1, 2, 3)],
-        "image_to_image_finetune": {"steps": args.image_to_image_steps, "learning_rate": finetune["training"]["learning_rate"]},
+        "generation_finetune": {"steps": args.generation_finetune_steps, "learning_rate": finetune["training"]["learning_rate"],
+                                "mixture": finetune["mixture"]},
         "num_views": args.num_views,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,

@@ -284,14 +284,25 @@ def medpix_dev_questions(model, processor, checkpoint: str, data_dir: str, outpu
     return out
 
 
+def sampled_rows(data_dir: str, split: str, count: int | None, seed: int) -> list[dict]:
+    """The MedPix `split` rows, or `count` of them drawn at random (seeded, kept in file order) when `count` is set.
+    The files are sorted by case, so their first rows are not a sample: the first 160 train rows are all CT."""
+    import random
+
+    rows = medpix_rows(data_dir, split)
+    if count is None or count >= len(rows):
+        return rows
+    return [rows[index] for index in sorted(random.Random(f"{seed}:{split}").sample(range(len(rows)), count))]
+
+
 def text_to_image(model, processor, classifier, data_dir: str, output_dir: str, seed: int, sampling: dict, batch_size: int, limit=None, split: str = "dev") -> dict:
-    """Generates one image per MedPix `split` label prompt and classifies it (`split="train"`: for choosing the
-    sampling settings without touching dev)."""
+    """Generates one image per MedPix `split` label prompt (`limit`: a random sample of them, `sampled_rows`) and
+    classifies it (`split="train"`: for choosing the sampling settings without touching dev)."""
     import torch
 
     from unimedvl_pipelines.evaluation.runner import generate_images, in_batches, item_seed
 
-    rows = medpix_rows(data_dir, split)[:limit]
+    rows = sampled_rows(data_dir, split, limit, seed)
     images_dir = os.path.join(output_dir, "t2i")
     os.makedirs(images_dir, exist_ok=True)
     images = []
@@ -331,7 +342,7 @@ def grey_tensor(image: Image.Image):
 
 
 def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int, sampling: dict, batch_size: int, count: int | None = None, split: str = "dev") -> dict:
-    """2× super-resolution of every MedPix `split` image (`count`: the first ones only) at the generation size: the
+    """2× super-resolution of every MedPix `split` image (`count`: a random sample of them, `sampled_rows`) at the generation size: the
     input is the image halved and enlarged back (bicubic), the target the image; PSNR / SSIM of the model's output
     and of the bicubic input against the target (grey, 8 bit), and of the target's own VAE reconstruction (what any
     output decoded by this VAE can reach). Batches hold images of one size."""
@@ -340,7 +351,7 @@ def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int
     from unimedvl_pipelines.evaluation.image_metrics import psnr_ssim
     from unimedvl_pipelines.evaluation.runner import generate_images, in_batches, item_seed
 
-    rows = medpix_rows(data_dir, split)[:count]
+    rows = sampled_rows(data_dir, split, count, seed)
     pairs_dir = os.path.join(output_dir, "sr_pairs" if split == "dev" else f"sr_pairs_{split}")
     os.makedirs(pairs_dir, exist_ok=True)
     by_size: dict[tuple[int, int], list] = {}
