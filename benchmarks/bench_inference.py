@@ -380,7 +380,7 @@ class InferenceBenchmark:
         for name, (model, options) in variants.items():
             record = records[name]
             record.update(batch=1, context_tokens=inputs["input_ids"].shape[1], new_tokens=tokens,
-                          ms_per_token=statistics.median(samples[name]), ms_per_token_all=samples[name])
+                          ms_per_token=samples[name][0], ms_per_token_all=samples[name][1])
             loop = steps.ops_per_unit(runs[name], 1, tokens, host_reads=name != "compiled")
             record.update({f"loop_{key}_per_token": value for key, value in loop.items()})
             if name != "eager" and name != "baseline":
@@ -390,17 +390,23 @@ class InferenceBenchmark:
 
     def _interleaved_ms_per_unit(
         self, runs: dict[str, Callable[[int], object]], low: int, high: int
-    ) -> dict[str, list[float]]:
-        """`repeats` samples of [`steps.ms_per_unit`] for each variant's `run(count)`, after one warm-up run of both
-        lengths each (compilation, first-use set-up of every shape); the variants interleaved, so that a change of
-        machine load hits all of them alike."""
+    ) -> dict[str, tuple[float, list[float]]]:
+        """`{variant: (ms per unit, per-repeat ms per unit)}` from `repeats` timed calls of each variant's
+        `run(low)` and `run(high)` ([`steps.ms_per_unit`] of them; the per-repeat figures are the single-pair
+        differences, noisy under load), after one warm-up run of both lengths each (compilation, first-use set-up of
+        every shape); the variants interleaved, so that a change of machine load hits all of them alike."""
         for run in runs.values():
             run(low), run(high)
-        samples = {name: [] for name in runs}
+        seconds = {name: ([], []) for name in runs}
         for _ in range(self.settings.repeats):
             for name, run in runs.items():
-                samples[name].append(steps.ms_per_unit(run, self.device, low, high))
-        return samples
+                for count, times in zip((low, high), seconds[name]):
+                    times.append(time_call(lambda: run(count), self.device, warmup=0, repeats=1))
+        return {
+            name: (steps.ms_per_unit(short, long, low, high),
+                   [steps.ms_per_unit([s], [t], low, high) for s, t in zip(short, long)])
+            for name, (short, long) in seconds.items()
+        }
 
     @torch.no_grad()
     def _decode_forward_figures(self, model, inputs: dict, compiled: bool) -> dict:
@@ -450,7 +456,7 @@ class InferenceBenchmark:
         for name, (model, options) in variants.items():
             record = records[name]
             record.update(height=size, width=size, latent_tokens=(size // self.config.latent_downsample) ** 2, rows=2,
-                          ms_per_step=statistics.median(samples[name]), ms_per_step_all=samples[name])
+                          ms_per_step=samples[name][0], ms_per_step_all=samples[name][1])
             loop = steps.ops_per_unit(step_runs[name], *runs, host_reads=name != "compiled")
             record.update({f"loop_{key}_per_step": value for key, value in loop.items()})
             record.update(self._denoise_step_figures(model, inputs, size, name))

@@ -30,15 +30,13 @@ import tarfile
 import tempfile
 import types
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 from transformers import CompileConfig, StaticCache
-
-from .measurement import time_call
 
 
 HOST_SYNC_OPS = (
@@ -142,12 +140,12 @@ def explain_graphs(fn: Callable, *args, **kwargs) -> dict:
     return {"graphs": explanation.graph_count, "graph_breaks": explanation.graph_break_count, "break_reasons": reasons}
 
 
-def ms_per_unit(run: Callable[[int], object], device: torch.device, low: int, high: int) -> float:
-    """Milliseconds per unit (a decoded token, an Euler step) of `run(count)`: `(t(high) − t(low)) / (high − low)`
-    from one timed call of each length, so that what a call costs once (prefill, VAE, set-up) cancels."""
-    short = time_call(lambda: run(low), device, warmup=0, repeats=1)
-    long = time_call(lambda: run(high), device, warmup=0, repeats=1)
-    return (long - short) / (high - low) * 1e3
+def ms_per_unit(short_seconds: Sequence[float], long_seconds: Sequence[float], low: int, high: int) -> float:
+    """Milliseconds per unit (a decoded token, an Euler step) from timed runs of `low` and of `high` units:
+    `(min t(high) − min t(low)) / (high − low)`, so that what a call costs once (prefill, VAE, set-up) cancels and
+    machine load, which only ever adds time, counts as little as it can (the difference of single runs went negative
+    on a loaded 2-core machine)."""
+    return (min(long_seconds) - min(short_seconds)) / (high - low) * 1e3
 
 
 def ops_per_unit(run: Callable[[int], object], low: int, high: int, host_reads: bool = True) -> dict:

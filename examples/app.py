@@ -425,8 +425,10 @@ def build_app(demo: UniMedVLDemo) -> gr.Blocks:
                 [ask_file, question, window], label="Examples (files bundled with pydicom and nibabel)", elem_id="ask-examples",
             )
             read_inputs = [ask_file, window, axis, slice_text]
-            for control in read_inputs:
-                control.change(demo.preview_ui, read_inputs, [preview, preview_caption, ask_status])
+            # One listener for all four controls: an example sets the file and the window at once, and two listeners
+            # would run side by side, the one that read the old file finishing last and showing it.
+            gr.on([control.change for control in read_inputs], demo.preview_ui, read_inputs,
+                  [preview, preview_caption, ask_status], trigger_mode="always_last")
             ask_button.click(
                 demo.ask_ui, [ask_file, question, report, window, axis, slice_text, max_tokens],
                 [preview, preview_caption, answer, answer_card, ask_status],

@@ -290,3 +290,17 @@ def test_gpu_summary_keeps_what_a_phase_cut_short_had_written(tmp_path):
     assert lines[2] == {"file": "bf16", **memory}
     assert len(lines) == 3
     assert [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()] == lines
+
+
+@pytest.mark.parametrize(
+    ("short", "long", "expected"),
+    [
+        ([0.50, 0.52], [1.60, 1.70], 110.0),  # quiet machine: the fastest run of each length
+        ([0.50, 1.90], [1.60, 1.65], 110.0),  # a load spike on one short run: its pair alone would give −25 ms
+        ([0.90, 0.50], [1.60, 4.00], 110.0),  # the fastest runs need not come from the same repeat
+    ],
+)
+def test_ms_per_unit_takes_the_fastest_run_of_each_length(short, long, expected):
+    from benchmarks.steps import ms_per_unit
+
+    assert ms_per_unit(short, long, 1, 11) == pytest.approx(expected)

@@ -187,6 +187,8 @@ def test_browser_nifti_example_names_the_slice(page):
     page.locator("#ask-examples").get_by_text("Which body region is shown?").first.click()
     page.wait_for_function("document.querySelector('#preview-caption').innerText.includes('anatomical.nii')", timeout=60_000)
     assert "axial slice" in page.locator("#preview-caption").inner_text()
+    page.wait_for_timeout(3_000)  # a preview of the file the example replaced must not arrive late and overwrite it
+    assert "anatomical.nii" in page.locator("#preview-caption").inner_text()
 
 
 @pytest.mark.browser
