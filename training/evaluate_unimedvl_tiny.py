@@ -342,10 +342,10 @@ def grey_tensor(image: Image.Image):
 
 
 def super_resolution(model, processor, data_dir: str, output_dir: str, seed: int, sampling: dict, batch_size: int, count: int | None = None, split: str = "dev") -> dict:
-    """2× super-resolution of every MedPix `split` image (`count`: a random sample of them, `sampled_rows`) at the generation size: the
-    input is the image halved and enlarged back (bicubic), the target the image; PSNR / SSIM of the model's output
-    and of the bicubic input against the target (grey, 8 bit), and of the target's own VAE reconstruction (what any
-    output decoded by this VAE can reach). Batches hold images of one size."""
+    """2× super-resolution of every MedPix `split` image (`count`: a random sample of them, `sampled_rows`) at the
+    generation size: the input is the image halved and enlarged back (bicubic), the target the image; PSNR / SSIM of
+    the model's output and of the bicubic input against the target (grey, 8 bit), and of the target's own VAE
+    reconstruction (what any output decoded by this VAE can reach). Batches hold images of one size."""
     import torch
 
     from unimedvl_pipelines.evaluation.image_metrics import psnr_ssim
