@@ -199,9 +199,7 @@ TINY_RECIPE = (
     "MedPix caption as the answer to the report prompt; text-to-image: MedPix train images from label prompts "
     "(\"CT, axial, head\") and captions; image-to-image: 2× super-resolution of every MedPix train image.\n"
     "- **Generation fine-tune**: then {finetune_steps} steps on generation rows only, text-to-image / image-to-image "
-    "{finetune_mixture} % (understanding expert and ViT connector frozen as well: only the generation expert "
-    "trains), cosine LR from "
-    "{finetune_lr}: the stages give super-resolution too few rows to beat bicubic, and the text-to-image rows keep "
+    "{finetune_mixture} % ({finetune_frozen}), cosine LR from {finetune_lr}: the stages give super-resolution too few rows to beat bicubic, and the text-to-image rows keep "
     "the prompt trained. Loss (first → last 10 logged steps): {curves}."
 )
 
@@ -225,6 +223,13 @@ FREEZE_NAMES = {
 """Card names of the curriculum's `freeze` keys."""
 
 
+def frozen_and_trained(freeze: dict) -> str:
+    """`"frozen: ViT, VAE; trained: understanding expert, generation expert"` from a stage's `freeze` map."""
+    frozen = [FREEZE_NAMES[name] for name, is_frozen in freeze.items() if is_frozen]
+    trained = [FREEZE_NAMES[name] for name, is_frozen in freeze.items() if not is_frozen]
+    return f"frozen: {', '.join(frozen) or 'nothing'}; trained: {', '.join(trained) or 'nothing'}"
+
+
 def tiny_recipe(build: dict) -> str:
     """The training-recipe paragraph of the Tiny card from the build script's `build_summary.json`."""
     timings, vae, text, vision = build["timings_s"], build["vae"], build["text_config"], build["vision_config"]
@@ -240,9 +245,6 @@ def tiny_recipe(build: dict) -> str:
     patch_side = build.get("latent_patch_size", 2)
     tokens = (build["image_size"] // (vae["downsampling"] * patch_side)) ** 2
     crop = vae["train_crop"]
-    freeze = build.get("freeze", {"vit": True, "vae": True})
-    frozen = [name for name, is_frozen in freeze.items() if is_frozen]
-    trained = [name for name, is_frozen in freeze.items() if not is_frozen]
     return TINY_RECIPE.format(
         command=build["command"], seed=build["seed"], machine=build.get("machine", "2-core CPU dev box"),
         threads=build.get("torch_threads", "?"), vocab=build.get("vocab_size", "?"),
@@ -250,8 +252,7 @@ def tiny_recipe(build: dict) -> str:
         vae_channels=tuple(vae["block_out_channels"]), vae_parameters=f"{vae['parameters']:,}", image_size=build["image_size"],
         vae_steps=vae["steps"], vae_batch=vae["batch_size"], scale=vae["scaling_factor"], patch_side=patch_side,
         vae_views="whole images" if crop >= build["image_size"] else f"random {crop}-px crops", kl_weight=vae["kl_weight"],
-        frozen=f"frozen: {', '.join(FREEZE_NAMES[n] for n in frozen) or 'nothing'}; trained: "
-        f"{', '.join(FREEZE_NAMES[n] for n in trained) or 'nothing'}",
+        frozen=frozen_and_trained(build.get("freeze", {"vit": True, "vae": True})),
         shift=vae["shift_factor"], vae_psnr=vae["train_psnr"], vae_bicubic=vae["train_psnr_2x_bicubic"],
         vision_steps=build["vision"]["steps"], vision_batch=build["vision"]["batch_size"],
         hidden=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
@@ -262,7 +263,7 @@ def tiny_recipe(build: dict) -> str:
         steps=" / ".join(str(s) for s in build.get("stage_steps", [])), mixtures=mixture_shares(build["stage_mixtures"]), curves=curves, num_views=build.get("num_views", 1),
         total_min=round(total_s / 60), vae_s=timings.get("vae_s", "?"),
         stage0_together=" (both at the same time, one process each)" if together else "",
-        finetune_steps=finetune["steps"], finetune_lr=finetune["learning_rate"],
+        finetune_steps=finetune["steps"], finetune_lr=finetune["learning_rate"], finetune_frozen=frozen_and_trained(finetune["freeze"]),
         finetune_mixture=mixture_shares([finetune["mixture"]], groups=("text_to_image", "interleaved")),
         **{k: timings.get(k, "?") for k in ("tokenizer_s", "vision_s", "data_s", "stage1_s", "stage2_s", "stage3_s", "generation_finetune_s")},
     )

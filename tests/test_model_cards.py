@@ -55,7 +55,8 @@ def tiny_build_summary(**changes) -> dict:
                    {"stage": "generation fine-tune", "ce": {"first10_mean": 0.0, "last10_mean": 0.0}, "mse": {"first10_mean": 0.2, "last10_mean": 0.1}}],
         "stage_mixtures": [{"understanding": 0.75, "text_to_image": 0.25}, {"understanding": 0.4, "text_to_image": 0.45, "interleaved": 0.1},
                            {"understanding": 0.2, "text_to_image": 0.2, "interleaved": 0.6}],
-        "generation_finetune": {"steps": 1600, "learning_rate": 3e-4, "mixture": {"understanding": 0, "text_to_image": 1 / 3, "interleaved": 2 / 3}},
+        "generation_finetune": {"steps": 1600, "learning_rate": 3e-4, "mixture": {"understanding": 0, "text_to_image": 1 / 3, "interleaved": 2 / 3},
+                                "freeze": {"vit": True, "vae": True, "und": True, "gen": False, "connector": True}},
         "freeze": {"vit": False, "vae": True, "und": False, "gen": False}, "stage0_in_parallel": True,
     }
     summary.update(changes)
@@ -69,12 +70,14 @@ def tiny_build_summary(**changes) -> dict:
               "(64 latent tokens)", "frozen: VAE; trained: ViT, understanding expert, generation expert",
               "VAE 780.0 s, vision encoder 1100.0 s (both at the same time, one process each)", "(total 68 min)",
               "generation fine-tune 600.0 s", "then 1600 steps on generation rows only, text-to-image / image-to-image 33 / 67 %",
-              "cosine LR from 0.0003", "stage3 CE 1.2 → 0.9, MSE 0.4 → 0.3; generation fine-tune MSE 0.2 → 0.1.",
+              "33 / 67 % (frozen: ViT, VAE, understanding expert, ViT connector; trained: generation expert), cosine LR from 0.0003", "stage3 CE 1.2 → 0.9, MSE 0.4 → 0.3; generation fine-tune MSE 0.2 → 0.1.",
               "mixtures understanding / text-to-image / image-to-image 75 / 25 / 0, 42 / 47 / 11, 20 / 20 / 60 %")),
         ({"latent_patch_size": 2, "vae": dict(tiny_build_summary()["vae"], downsampling=4, block_out_channels=[16, 32, 64], train_crop=32)},
          ("3 levels = 4× downsampling", "2×2 latent patches", "800 steps of 16 random 32-px crops", "(64 latent tokens)")),
         ({"freeze": {"vit": True, "vae": True, "und": False, "gen": False}, "stage0_in_parallel": False},
          ("frozen: ViT, VAE; trained: understanding expert, generation expert", "vision encoder 1100.0 s, data", "(total 81 min)")),
+        ({"generation_finetune": dict(tiny_build_summary()["generation_finetune"], freeze={"vit": True, "vae": True, "und": False, "gen": False})},
+         ("33 / 67 % (frozen: ViT, VAE; trained: understanding expert, generation expert), cosine LR",)),
     ],
 )
 def test_tiny_recipe_describes_the_build_that_ran(changes, expected):

@@ -388,7 +388,8 @@ def test_the_build_script_runs_end_to_end(data_dir, tmp_path):
     assert summary["vocab_size"] == 600 and summary["dtypes"] == ["F32"]
     assert [stage["stage"] for stage in summary["stages"]] == ["stage1", "stage2", "stage3", "generation fine-tune"]
     assert summary["generation_finetune"] == {"steps": 2, "learning_rate": build.GENERATION_FINETUNE["learning_rate"],
-                                              "mixture": build.GENERATION_FINETUNE["mixture"]}
+                                              "mixture": build.GENERATION_FINETUNE["mixture"],
+                                              "freeze": {"vit": True, "vae": True, "und": True, "gen": False, "connector": True}}
     loaded = m.UniMedVLForConditionalGeneration.from_pretrained(summary["final"])
     assert loaded.config.text_config.vocab_size == 600
     assert set(build.code_files(summary["final"])) == set(build.current_code())

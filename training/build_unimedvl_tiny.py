@@ -1210,7 +1210,7 @@ def main(argv=None) -> dict:
         "stage_steps": list(args.stage_steps),
         "stage_mixtures": [load_stage_config(stage, user_config)["mixture"] for stage in (1, 2, 3)],
         "generation_finetune": {"steps": args.generation_finetune_steps, "learning_rate": finetune["training"]["learning_rate"],
-                                "mixture": finetune["mixture"]},
+                                "mixture": finetune["mixture"], "freeze": finetune["freeze"]},
         "num_views": args.num_views,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
