@@ -221,6 +221,31 @@ def test_super_resolution_evaluation_reads_the_requested_split(model, processor,
     assert 10 < result["bicubic_psnr"] < 40 and 0 < result["ssim"] <= 1 and 0 <= result["model_beats_bicubic_fraction"] <= 1
 
 
+def test_vision_probe_reads_modality_from_the_shipped_encoder(model, processor, data_dir):
+    """The probe of the understanding encoder: logistic regressions on pooled features of a random sample of MedPix
+    train images, scored on dev images; CT / MR is linearly readable well above the majority class."""
+    from unimedvl_training.evaluate_unimedvl_tiny import vision_probe
+
+    result = vision_probe(model, processor, str(data_dir), 0, limit=160)
+    assert set(result) == {"modality", "region", "plane"}
+    assert result["modality"]["n"] == 160 and result["modality"]["train_n"] == 160
+    assert all(0 < block["n"] <= 160 and 0 <= block["accuracy"] <= 1 for block in result.values())
+    assert result["modality"]["accuracy"] >= result["modality"]["majority_baseline"] + 0.15, result["modality"]
+    assert result == vision_probe(model, processor, str(data_dir), 0, limit=160)
+
+
+def test_card_results_show_the_vision_probe_as_a_ceiling():
+    """The vision probe goes into the card as reference rows (ceilings), without targets."""
+    from unimedvl_training.evaluate_unimedvl_tiny import card_results
+
+    probe = {"accuracy": 0.8734, "majority_baseline": 0.5, "n": 197, "train_n": 1650}
+    results = card_results({"vision_probe": {"modality": probe, "plane": dict(probe, accuracy=0.796, n=181)}})
+    assert results == {
+        "Vision-encoder linear probe, modality (%) (ceiling)": {"value": 87.3, "baseline": 50.0, "dataset": "MedPix 2.0 dev images (197)"},
+        "Vision-encoder linear probe, plane (%) (ceiling)": {"value": 79.6, "baseline": 50.0, "dataset": "MedPix 2.0 dev images (181)"},
+    }
+
+
 def test_evaluation_samples_both_modalities_when_limited(data_dir):
     """A limited evaluation draws its rows at random (seeded, in file order): the files are sorted by case and their
     first 160 train rows are all CT, which made an earlier guidance sweep measure CT prompts only."""

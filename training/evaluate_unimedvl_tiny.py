@@ -9,6 +9,8 @@ Only held-out data is used:
   questions ("no") and its most frequent open answer, scored by the same harness.
 - **MedPix dev** derived questions (modality CT/MR, body region, plane) through `evaluate_vqa`; baseline: the training
   split's majority class of each question.
+- **Vision probe**: linear read-outs of the understanding encoder's pooled features, fitted on MedPix train images and
+  scored on MedPix dev (modality, region, plane): the ceiling of the MedPix question accuracies.
 - **Text-to-image**: a small CNN (modality + region heads) trained here on MedPix *train* images at 64 px classifies
   images generated from the MedPix *dev* label prompts ("MR, sagittal, spine and muscles"); its accuracy on the real dev
   images is the reference, the dev frequency of the training majority class the baseline.
@@ -39,6 +41,7 @@ from .build_unimedvl_tiny import (
     IMAGE_SIZE,
     MODALITY_NAMES,
     MODALITY_QUESTION,
+    PLANE_NAMES,
     PLANE_QUESTION,
     REGION_NAMES,
     REGION_QUESTION,
@@ -48,6 +51,7 @@ from .build_unimedvl_tiny import (
     load_square_images,
     medpix_questions,
     medpix_rows,
+    norm_plane,
     norm_region,
     psnr,
     square_pixels,
@@ -284,6 +288,72 @@ def medpix_dev_questions(model, processor, checkpoint: str, data_dir: str, outpu
     return out
 
 
+PROBE_L2 = 1e-2
+"""L2 weight of the vision probe's logistic regressions (fixed, not chosen on dev)."""
+PROBE_LABELS = {
+    "modality": (MODALITY_NAMES, lambda row: row["Type"]),
+    "region": (REGION_NAMES, norm_region),
+    "plane": (PLANE_NAMES, norm_plane),
+}
+"""Label kinds of the vision probe: (class names, MedPix row → label; rows whose label is not a class are left out)."""
+
+
+def pooled_image_features(model, processor, paths: list[str]):
+    """Each image file as the understanding questions see it (processor `"understanding"` mode → ViT → connector →
+    position table), averaged over its patches: `[len(paths), hidden]`."""
+    import torch
+
+    pooled = []
+    with torch.no_grad():
+        for path in paths:
+            with Image.open(path) as image:
+                inputs = processor.image_processor.preprocess([image], mode="understanding")
+            pooled.append(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_hw"]).mean(0))
+    return torch.stack(pooled)
+
+
+def vision_probe(model, processor, data_dir: str, seed: int, limit=None) -> dict:
+    """The understanding encoder's ceiling: per label kind (`PROBE_LABELS`), a logistic regression (L-BFGS, L2
+    `PROBE_L2`) on the standardised pooled features (`pooled_image_features`) of the MedPix train images, scored on
+    MedPix dev. The language model reads the same features, so its answers to the MedPix questions rarely beat it."""
+    import torch
+    from torch import nn
+
+    splits = {split: sampled_rows(data_dir, split, limit, seed) for split in ("train", "dev")}
+    features = {
+        split: pooled_image_features(model, processor, [os.path.join(data_dir, "medpix", "images", f"{row['image']}.png") for row in rows])
+        for split, rows in splits.items()
+    }
+    mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
+    out = {}
+    for kind, (names, label) in PROBE_LABELS.items():
+        labels = {split: torch.tensor([names.index(label(row)) if label(row) in names else -1 for row in rows]) for split, rows in splits.items()}
+        known = {split: labels[split] >= 0 for split in splits}
+        inputs = {split: ((features[split] - mean) / std)[known[split]] for split in splits}
+        targets = {split: labels[split][known[split]] for split in splits}
+        torch.manual_seed(seed)
+        head = nn.Linear(inputs["train"].shape[1], len(names))
+        optimizer = torch.optim.LBFGS(head.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+        def loss():
+            optimizer.zero_grad()
+            value = nn.functional.cross_entropy(head(inputs["train"]), targets["train"]) + PROBE_L2 * head.weight.pow(2).sum()
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+        with torch.no_grad():
+            predicted = head(inputs["dev"]).argmax(-1)
+        majority = torch.bincount(targets["train"], minlength=len(names)).argmax()
+        out[kind] = {
+            "accuracy": (predicted == targets["dev"]).float().mean().item(),
+            "majority_baseline": (targets["dev"] == majority).float().mean().item(),
+            "n": len(targets["dev"]),
+            "train_n": len(targets["train"]),
+        }
+    return out
+
+
 def sampled_rows(data_dir: str, split: str, count: int | None, seed: int) -> list[dict]:
     """The MedPix `split` rows, or `count` of them drawn at random (seeded, kept in file order) when `count` is set.
     The files are sorted by case, so their first rows are not a sample: the first 160 train rows are all CT."""
@@ -441,6 +511,10 @@ def card_results(evaluation: dict) -> dict:
             results[f"Label classifier on real dev images, {kind} (%) (ceiling)"] = {
                 "value": round(100 * real[f"{kind}_acc"], 1), "baseline": round(100 * t2i[f"{kind}_majority_baseline"], 1), "dataset": f"MedPix 2.0 dev images ({real['n']})",
             }
+    for kind, block in (evaluation.get("vision_probe") or {}).items():
+        results[f"Vision-encoder linear probe, {kind} (%) (ceiling)"] = {
+            "value": round(100 * block["accuracy"], 1), "baseline": round(100 * block["majority_baseline"], 1), "dataset": f"MedPix 2.0 dev images ({block['n']})",
+        }
     sr = evaluation.get("super_resolution")
     if sr:
         dataset = f"MedPix 2.0 dev, ≤ 64 px ({sr['n']})"
@@ -463,7 +537,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="at most this many items per task (smoke runs)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tasks", nargs="+", default=["vqa_rad", "medpix_questions", "text_to_image", "super_resolution", "grid"])
+    parser.add_argument("--tasks", nargs="+", default=["vqa_rad", "medpix_questions", "vision_probe", "text_to_image", "super_resolution", "grid"])
     parser.add_argument("--split", default="dev", choices=("dev", "train"), help="MedPix split of the generation tasks (train: to tune sampling without touching dev)")
     parser.add_argument("--cfg-text-scale", type=float, default=TINY_TEXT_TO_IMAGE["cfg_text_scale"])
     parser.add_argument("--steps", type=int, default=TINY_TEXT_TO_IMAGE["num_inference_steps"])
@@ -494,6 +568,8 @@ def main(argv=None) -> dict:
             evaluation[task] = vqa_rad(model, processor, args.model, args.data, args.output, args.seed, args.batch_size, args.limit)
         elif task == "medpix_questions":
             evaluation[task] = medpix_dev_questions(model, processor, args.model, args.data, args.output, args.seed, args.batch_size, args.limit)
+        elif task == "vision_probe":
+            evaluation[task] = vision_probe(model, processor, args.data, args.seed, args.limit)
         elif task == "text_to_image":
             evaluation[task] = text_to_image(model, processor, classifier, args.data, args.output, args.seed, sampling, args.batch_size, args.limit, args.split)
         elif task == "super_resolution":
