@@ -165,9 +165,12 @@ token count of the FLUX geometry's 2×2 patches of 8× latents at 128 px (config
 VAE_CROP = IMAGE_SIZE
 """The VAE trains on whole 64-px images: trained on 32-px crops, its mid-block attention and group norms do not carry
 over to whole images (20.7 dB on whole images against 26.7 dB on crops)."""
-SCHEDULE_STEPS = {"vae": 1100, "vision": 3000}
+SCHEDULE_STEPS = {"vae": 1100, "vision": 6000}
 """Horizons of the cosine LR schedules of the VAE and vision steps: `--vae-steps` / `--vision-steps` below them stop
-early on the same schedule, so a shorter run is exactly the first part of the full one."""
+early on the same schedule, so a shorter run is exactly the first part of the full one. Vision: a linear probe of the
+pooled ViT features (MedPix train → dev, each figure the best of three L2 weights) reads modality / region / plane
+87.3 / 57.4 / 79.6 % after 6,000 steps against 85.3 / 55.3 / 75.1 % after 3,000; 3,000 steps at 168 px instead of
+112 px gave 83.2 / 57.9 / 69.6 %."""
 VAE_STATISTICS_IMAGES = 512
 """Training images (a fixed random subset) whose latents set the scaling / shift factors and whose reconstruction
 PSNR the report gives."""
@@ -198,7 +201,7 @@ DEFAULTS = {
     "vae_batch_size": 16,
     "vae_learning_rate": 2e-3,
     "vae_kl_weight": 1e-5,
-    "vision_steps": 3000,
+    "vision_steps": 6000,
     "vision_batch_size": 32,
     "vision_learning_rate": 1e-3,
     "stage_steps": (1200, 1000, 1600),
