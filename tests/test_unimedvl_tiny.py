@@ -234,6 +234,16 @@ def test_vision_probe_reads_modality_from_the_shipped_encoder(model, processor, 
     assert result == vision_probe(model, processor, str(data_dir), 0, limit=160)
 
 
+@pytest.mark.parametrize(("limit", "message"), [(1, "1 MedPix train and 1 dev images with a modality label"), (0, "0 MedPix train")])
+def test_vision_probe_refuses_a_sample_too_small_to_fit(model, processor, data_dir, limit, message):
+    """A smoke run's tiny `--limit` gets a plain error naming the label kind and what to do, not an L-BFGS overflow."""
+    from unimedvl_training.evaluate_unimedvl_tiny import vision_probe
+
+    with pytest.raises(ValueError, match="raise --limit or leave it out") as caught:
+        vision_probe(model, processor, str(data_dir), 0, limit=limit)
+    assert message in str(caught.value)
+
+
 def test_card_results_show_the_vision_probe_as_a_ceiling():
     """The vision probe goes into the card as reference rows (ceilings), without targets."""
     from unimedvl_training.evaluate_unimedvl_tiny import card_results

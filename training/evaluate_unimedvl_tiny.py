@@ -312,36 +312,62 @@ def pooled_image_features(model, processor, paths: list[str]):
     return torch.stack(pooled)
 
 
-def vision_probe(model, processor, data_dir: str, seed: int, limit=None) -> dict:
-    """The understanding encoder's ceiling: per label kind (`PROBE_LABELS`), a logistic regression (L-BFGS, L2
-    `PROBE_L2`) on the standardised pooled features (`pooled_image_features`) of the MedPix train images, scored on
-    MedPix dev. The language model reads the same features, so its answers to the MedPix questions rarely beat it."""
+def probe_labels(splits: dict[str, list[dict]], limit=None) -> dict:
+    """Class indices of each `PROBE_LABELS` kind for the rows of each split, `{kind: {split: [n]}}` (-1: no such
+    label); refuses a sample with fewer than 2 labelled train rows or no labelled dev row of a kind."""
+    import torch
+
+    labels = {}
+    for kind, (names, label) in PROBE_LABELS.items():
+        labels[kind] = {split: torch.tensor([names.index(label(row)) if label(row) in names else -1 for row in rows], dtype=torch.long) for split, rows in splits.items()}
+        counts = {split: int((values >= 0).sum()) for split, values in labels[kind].items()}
+        if counts["train"] < 2 or counts["dev"] < 1:
+            raise ValueError(
+                f"vision_probe: {counts['train']} MedPix train and {counts['dev']} dev images with a {kind} label in the "
+                f"sample (limit {limit}); it needs at least 2 and 1: raise --limit or leave it out."
+            )
+    return labels
+
+
+def fit_probe(train_inputs, train_targets, num_classes: int, seed: int):
+    """A logistic regression `[n, hidden]` → `[n, num_classes]` fitted by L-BFGS with L2 weight `PROBE_L2`."""
     import torch
     from torch import nn
 
+    torch.manual_seed(seed)
+    head = nn.Linear(train_inputs.shape[1], num_classes)
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        value = nn.functional.cross_entropy(head(train_inputs), train_targets) + PROBE_L2 * head.weight.pow(2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return head
+
+
+def vision_probe(model, processor, data_dir: str, seed: int, limit=None) -> dict:
+    """The understanding encoder's ceiling: per label kind (`PROBE_LABELS`), a logistic regression (`fit_probe`) on
+    the standardised pooled features (`pooled_image_features`) of the MedPix train images, scored on MedPix dev
+    (`limit`: a random sample of each split). The language model reads the same features, so its answers to the
+    MedPix questions rarely beat it."""
+    import torch
+
     splits = {split: sampled_rows(data_dir, split, limit, seed) for split in ("train", "dev")}
+    labels = probe_labels(splits, limit)
     features = {
         split: pooled_image_features(model, processor, [os.path.join(data_dir, "medpix", "images", f"{row['image']}.png") for row in rows])
         for split, rows in splits.items()
     }
-    mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
+    mean, std = features["train"].mean(0), features["train"].std(0, correction=0) + 1e-6
     out = {}
-    for kind, (names, label) in PROBE_LABELS.items():
-        labels = {split: torch.tensor([names.index(label(row)) if label(row) in names else -1 for row in rows]) for split, rows in splits.items()}
-        known = {split: labels[split] >= 0 for split in splits}
+    for kind, (names, _) in PROBE_LABELS.items():
+        known = {split: values >= 0 for split, values in labels[kind].items()}
         inputs = {split: ((features[split] - mean) / std)[known[split]] for split in splits}
-        targets = {split: labels[split][known[split]] for split in splits}
-        torch.manual_seed(seed)
-        head = nn.Linear(inputs["train"].shape[1], len(names))
-        optimizer = torch.optim.LBFGS(head.parameters(), max_iter=300, line_search_fn="strong_wolfe")
-
-        def loss():
-            optimizer.zero_grad()
-            value = nn.functional.cross_entropy(head(inputs["train"]), targets["train"]) + PROBE_L2 * head.weight.pow(2).sum()
-            value.backward()
-            return value
-
-        optimizer.step(loss)
+        targets = {split: labels[kind][split][known[split]] for split in splits}
+        head = fit_probe(inputs["train"], targets["train"], len(names), seed)
         with torch.no_grad():
             predicted = head(inputs["dev"]).argmax(-1)
         majority = torch.bincount(targets["train"], minlength=len(names)).argmax()
