@@ -199,8 +199,8 @@ TINY_RECIPE = (
     "MedPix caption as the answer to the report prompt; text-to-image: MedPix train images from label prompts "
     "(\"CT, axial, head\") and captions; image-to-image: 2× super-resolution of every MedPix train image.\n"
     "- **Generation fine-tune**: then {finetune_steps} steps on generation rows only, text-to-image / image-to-image "
-    "{finetune_mixture} % ({finetune_frozen}), cosine LR from {finetune_lr}: the stages give super-resolution too few rows to beat bicubic, and the text-to-image rows keep "
-    "the prompt trained. Loss (first → last 10 logged steps): {curves}."
+    "{finetune_mixture} % ({finetune_frozen}), cosine LR from {finetune_lr}: the stages give super-resolution too "
+    "few rows to beat bicubic, and the text-to-image rows keep the prompt trained. Loss (first → last 10 logged steps): {curves}."
 )
 
 
