@@ -222,6 +222,21 @@ def norm_plane(row: dict) -> str:
     return PLANES.get((row.get("Description") or {}).get("Plane") or "", "other")
 
 
+LABEL_NAMES = {"modality": MODALITY_NAMES, "region": REGION_NAMES, "plane": PLANE_NAMES}
+"""Class names of each MedPix label kind (the vision heads, the choice questions and the evaluation's probe)."""
+
+
+def row_labels(row: dict) -> dict[str, str]:
+    """A MedPix row's label per kind of `LABEL_NAMES` (`"MR"`, `"head"`, `"sagittal"`; region and plane `"other"`
+    where the row has none of the named ones)."""
+    return {"modality": row["Type"], "region": norm_region(row), "plane": norm_plane(row)}
+
+
+def label_indices(row: dict) -> tuple[int, ...]:
+    """The class index of each of a MedPix row's labels in its `LABEL_NAMES` kind; -1 where it is not a class."""
+    return tuple(names.index(value) if value in names else -1 for names, value in zip(LABEL_NAMES.values(), row_labels(row).values()))
+
+
 def label_prompt(row: dict) -> str:
     """Short generation prompt from MedPix labels, e.g. `CT, axial, head`."""
     return f"{row['Type']}, {norm_plane(row)}, {norm_region(row)}"
@@ -261,7 +276,7 @@ def medpix_choice_questions(row: dict, rng: random.Random) -> list[tuple[str, st
     """A yes/no and an either-or question on one MedPix image's labels (each on a label kind drawn at random): the
     yes/no one names the true value or another at random (half of each), the either-or one the true value and
     another in random order, answered with the option's own words ("MRI", "sagittal", "head")."""
-    known = {"modality": row["Type"], "region": norm_region(row), "plane": norm_plane(row)}
+    known = row_labels(row)
     kinds = [kind for kind, value in known.items() if value in LABEL_WORDS[kind]]
     yes_no_kind, choice_kind = rng.choice(kinds), rng.choice(kinds)
     words = LABEL_WORDS[yes_no_kind]
@@ -703,15 +718,7 @@ def vision_labels(data_dir: str) -> list[tuple[str, tuple[int, int, int]]]:
     """`(image path, (modality, region, plane))` of every training image; -1 where the data has no such label."""
     items = []
     for row in medpix_rows(data_dir, "train"):
-        plane = norm_plane(row)
-        items.append((
-            os.path.join(data_dir, "medpix", "images", f"{row['image']}.png"),
-            (
-                MODALITY_NAMES.index(row["Type"]),
-                REGION_NAMES.index(norm_region(row)) if row.get("Location Category") in REGIONS else -1,
-                PLANE_NAMES.index(plane) if plane in PLANE_NAMES else -1,
-            ),
-        ))
+        items.append((os.path.join(data_dir, "medpix", "images", f"{row['image']}.png"), label_indices(row)))
     organs = {}
     for row in vqa_rad_train(data_dir):
         if row.get("image_organ") in VQA_RAD_ORGANS:

@@ -39,19 +39,19 @@ from modeling_unimedvl.default_model import TINY_IMAGE_TO_IMAGE, TINY_TEXT_TO_IM
 
 from .build_unimedvl_tiny import (
     IMAGE_SIZE,
+    LABEL_NAMES,
     MODALITY_NAMES,
     MODALITY_QUESTION,
-    PLANE_NAMES,
     PLANE_QUESTION,
     REGION_NAMES,
     REGION_QUESTION,
     SR_INSTRUCTION,
     SR_TRANSFORM,
+    label_indices,
     label_prompt,
     load_square_images,
     medpix_questions,
     medpix_rows,
-    norm_plane,
     norm_region,
     psnr,
     square_pixels,
@@ -290,12 +290,6 @@ def medpix_dev_questions(model, processor, checkpoint: str, data_dir: str, outpu
 
 PROBE_L2 = 1e-2
 """L2 weight of the vision probe's logistic regressions (fixed, not chosen on dev)."""
-PROBE_LABELS = {
-    "modality": (MODALITY_NAMES, lambda row: row["Type"]),
-    "region": (REGION_NAMES, norm_region),
-    "plane": (PLANE_NAMES, norm_plane),
-}
-"""Label kinds of the vision probe: (class names, MedPix row → label; rows whose label is not a class are left out)."""
 
 
 def pooled_image_features(model, processor, paths: list[str]):
@@ -313,13 +307,14 @@ def pooled_image_features(model, processor, paths: list[str]):
 
 
 def probe_labels(splits: dict[str, list[dict]], limit=None) -> dict:
-    """Class indices of each `PROBE_LABELS` kind for the rows of each split, `{kind: {split: [n]}}` (-1: no such
-    label); refuses a sample with fewer than 2 labelled train rows or no labelled dev row of a kind."""
+    """Class indices of each `LABEL_NAMES` kind for the rows of each split (`label_indices`), `{kind: {split: [n]}}`
+    (-1: no such label); refuses a sample with fewer than 2 labelled train rows or no labelled dev row of a kind."""
     import torch
 
+    indices = {split: torch.tensor([label_indices(row) for row in rows], dtype=torch.long).reshape(-1, len(LABEL_NAMES)) for split, rows in splits.items()}
     labels = {}
-    for kind, (names, label) in PROBE_LABELS.items():
-        labels[kind] = {split: torch.tensor([names.index(label(row)) if label(row) in names else -1 for row in rows], dtype=torch.long) for split, rows in splits.items()}
+    for column, kind in enumerate(LABEL_NAMES):
+        labels[kind] = {split: values[:, column] for split, values in indices.items()}
         counts = {split: int((values >= 0).sum()) for split, values in labels[kind].items()}
         if counts["train"] < 2 or counts["dev"] < 1:
             raise ValueError(
@@ -349,7 +344,7 @@ def fit_probe(train_inputs, train_targets, num_classes: int, seed: int):
 
 
 def vision_probe(model, processor, data_dir: str, seed: int, limit=None) -> dict:
-    """The understanding encoder's ceiling: per label kind (`PROBE_LABELS`), a logistic regression (`fit_probe`) on
+    """The understanding encoder's ceiling: per label kind (`LABEL_NAMES`), a logistic regression (`fit_probe`) on
     the standardised pooled features (`pooled_image_features`) of the MedPix train images, scored on MedPix dev
     (`limit`: a random sample of each split). The language model reads the same features, so its answers to the
     MedPix questions rarely beat it."""
@@ -363,7 +358,7 @@ def vision_probe(model, processor, data_dir: str, seed: int, limit=None) -> dict
     }
     mean, std = features["train"].mean(0), features["train"].std(0, correction=0) + 1e-6
     out = {}
-    for kind, (names, _) in PROBE_LABELS.items():
+    for kind, names in LABEL_NAMES.items():
         known = {split: values >= 0 for split, values in labels[kind].items()}
         inputs = {split: ((features[split] - mean) / std)[known[split]] for split in splits}
         targets = {split: labels[kind][split][known[split]] for split in splits}
