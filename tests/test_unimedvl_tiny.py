@@ -244,16 +244,30 @@ def test_vision_probe_refuses_a_sample_too_small_to_fit(model, processor, data_d
     assert message in str(caught.value)
 
 
-def test_card_results_show_the_vision_probe_as_a_ceiling():
-    """The vision probe goes into the card as reference rows (ceilings), without targets."""
+def test_card_results_show_the_vision_probe_as_a_reference():
+    """The vision probe goes into the card as reference rows, without targets."""
     from unimedvl_training.evaluate_unimedvl_tiny import card_results
 
     probe = {"accuracy": 0.8734, "majority_baseline": 0.5, "n": 197, "train_n": 1650}
     results = card_results({"vision_probe": {"modality": probe, "plane": dict(probe, accuracy=0.796, n=181)}})
     assert results == {
-        "Vision-encoder linear probe, modality (%) (ceiling)": {"value": 87.3, "baseline": 50.0, "dataset": "MedPix 2.0 dev images (197)"},
-        "Vision-encoder linear probe, plane (%) (ceiling)": {"value": 79.6, "baseline": 50.0, "dataset": "MedPix 2.0 dev images (181)"},
+        "Vision-encoder linear probe, modality (%) (reference)": {"value": 87.3, "baseline": 50.0, "dataset": "MedPix 2.0 dev images (197)"},
+        "Vision-encoder linear probe, plane (%) (reference)": {"value": 79.6, "baseline": 50.0, "dataset": "MedPix 2.0 dev images (181)"},
     }
+
+
+@pytest.mark.parametrize("split", ["train", "dev"])
+def test_card_results_name_the_split_the_generation_tasks_ran_on(split):
+    """`--split train` results say "train" (they read "dev prompts" before); records without a split are dev."""
+    from unimedvl_training.evaluate_unimedvl_tiny import card_results
+
+    t2i = {"split": split, "n": 150, "modality_acc": 0.9, "region_acc": 0.7, "modality_majority_baseline": 0.5, "region_majority_baseline": 0.3}
+    sr = {"split": split, "n": 150, "psnr": 26.5, "ssim": 0.86, "bicubic_psnr": 25.6, "bicubic_ssim": 0.85, "vae_reconstruction_psnr": 30.0}
+    results = card_results({"text_to_image": t2i, "super_resolution": sr})
+    assert results["Generated-image region accuracy by classifier (%)"]["dataset"] == f"MedPix 2.0 {split} prompts (150)"
+    assert results["2x super-resolution SSIM"]["dataset"] == f"MedPix 2.0 {split}, ≤ 64 px (150)"
+    unnamed = card_results({"text_to_image": {k: v for k, v in t2i.items() if k != "split"}})
+    assert unnamed["Generated-image modality accuracy by classifier (%)"]["dataset"] == "MedPix 2.0 dev prompts (150)"
 
 
 def test_evaluation_samples_both_modalities_when_limited(data_dir):
