@@ -10,9 +10,8 @@ Only held-out data is used:
 - **MedPix dev** derived questions (modality CT/MR, body region, plane) through `evaluate_vqa`; baseline: the training
   split's majority class of each question.
 - **Vision probe**: linear read-outs of the understanding encoder's pooled features, fitted on MedPix train images and
-  scored on MedPix dev (modality, region, plane): what a linear read-out of the features the language model sees
-  reaches, the reference of the MedPix question accuracies (the model can beat it a little: it reads every patch
-  token with its position, the probe their mean).
+  scored on MedPix dev (modality, region, plane): the reference of the MedPix question accuracies (the language
+  model reads every patch token with its position, the probe their mean, so its answers land near it, not under it).
 - **Text-to-image**: a small CNN (modality + region heads) trained here on MedPix *train* images at 64 px classifies
   images generated from the MedPix *dev* label prompts ("MR, sagittal, spine and muscles"); its accuracy on the real dev
   images is the reference, the dev frequency of the training majority class the baseline.
