@@ -193,14 +193,15 @@ TINY_RECIPE = (
     "- **Curriculum**: the package's stages 1, 2, 3 (`unimedvl_training.curriculum.run_curriculum`, shipped "
     "loss weights; {frozen}) with LR {learning_rate} (constant, cosine in stage 3), batch {batch}, {steps} steps; "
     "mixtures understanding / text-to-image / image-to-image {mixtures} %. Understanding: VQA-RAD train questions "
-    "(a few per conversation), a region question per VQA-RAD train image (its organ label), MedPix train modality / "
+    "(a few per conversation; each image's questions in {vqa_rounds} random groupings), a region question per VQA-RAD train image (its organ label), MedPix train modality / "
     "region / plane questions with a yes/no and an either-or question on the same labels (\"Is this a CT or an MRI "
     "image?\") on {num_views} views (the whole image, random crops, flips, contrast changes) of each image, and each "
     "MedPix caption as the answer to the report prompt; text-to-image: MedPix train images from label prompts "
     "(\"CT, axial, head\") and captions; image-to-image: 2× super-resolution of every MedPix train image.\n"
     "- **Generation fine-tune**: then {finetune_steps} steps on generation rows only, text-to-image / image-to-image "
-    "{finetune_mixture} % ({finetune_frozen}), cosine LR from {finetune_lr}: the stages give super-resolution too "
-    "few rows to beat bicubic, and the text-to-image rows keep the prompt trained. Loss (first → last 10 logged steps): {curves}."
+    "{finetune_mixture} % ({finetune_frozen}; text-to-image rows from the {finetune_prompts}), cosine LR from "
+    "{finetune_lr}: the stages give super-resolution too few rows to beat bicubic, and the text-to-image rows keep the "
+    "prompt trained. Loss (first → last 10 logged steps): {curves}."
 )
 
 
@@ -265,6 +266,8 @@ def tiny_recipe(build: dict) -> str:
         stage0_together=" (both at the same time, one process each)" if together else "",
         finetune_steps=finetune["steps"], finetune_lr=finetune["learning_rate"], finetune_frozen=frozen_and_trained(finetune["freeze"]),
         finetune_mixture=mixture_shares([finetune["mixture"]], groups=("text_to_image", "interleaved")),
+        finetune_prompts="label prompts only" if "text_to_image" in finetune else "label prompts and captions",
+        vqa_rounds=build.get("vqa_rounds", "?"),
         **{k: timings.get(k, "?") for k in ("tokenizer_s", "vision_s", "data_s", "stage1_s", "stage2_s", "stage3_s", "generation_finetune_s")},
     )
 

@@ -258,7 +258,8 @@ def test_card_results_show_the_vision_probe_as_a_reference():
 
 @pytest.mark.parametrize("split", ["train", "dev"])
 def test_card_results_name_the_split_the_generation_tasks_ran_on(split):
-    """`--split train` results say "train" (they read "dev prompts" before); records without a split are dev."""
+    """`--split train` results say "train" (they read "dev prompts" before); records without a split are dev; the
+    label classifier's rows on real dev images take the dev baseline of their own record (older records: the t2i one)."""
     from unimedvl_training.evaluate_unimedvl_tiny import card_results
 
     t2i = {"split": split, "n": 150, "modality_acc": 0.9, "region_acc": 0.7, "modality_majority_baseline": 0.5, "region_majority_baseline": 0.3}
@@ -268,6 +269,13 @@ def test_card_results_name_the_split_the_generation_tasks_ran_on(split):
     assert results["2x super-resolution SSIM"]["dataset"] == f"MedPix 2.0 {split}, ≤ 64 px (150)"
     unnamed = card_results({"text_to_image": {k: v for k, v in t2i.items() if k != "split"}})
     assert unnamed["Generated-image modality accuracy by classifier (%)"]["dataset"] == "MedPix 2.0 dev prompts (150)"
+    real = {"n": 197, "modality_acc": 0.92, "region_acc": 0.58}
+    old_record = card_results({"text_to_image": t2i, "classifier_on_real_dev": real})  # written before its own baseline
+    assert old_record["Label classifier on real dev images, region (%) (reference)"]["baseline"] == 30.0
+    real |= {"modality_majority_baseline": 0.426, "region_majority_baseline": 0.335}
+    for evaluation in ({"text_to_image": t2i, "classifier_on_real_dev": real}, {"classifier_on_real_dev": real}):
+        row = card_results(evaluation)["Label classifier on real dev images, region (%) (reference)"]
+        assert row == {"value": 58.0, "baseline": 33.5, "dataset": "MedPix 2.0 dev images (197)"}  # dev's, not the prompts'
 
 
 def test_evaluation_samples_both_modalities_when_limited(data_dir):
@@ -301,6 +309,16 @@ def test_build_data_rows(data_dir, tmp_path):
     medpix_views = [row for row in understanding if "medpix_views" in row["input_img"][0]["path"] and len(row["message"]) > 2]
     assert len(medpix_views) == 2 * len(build.medpix_rows(str(data_dir), "train"))
     assert all(row["message"][0]["value"].startswith("<image>\n") for row in understanding)
+
+
+def test_label_prompt_data_has_one_label_prompt_row_per_medpix_train_image(data_dir, tmp_path):
+    """The fine-tune's text-to-image rows: every MedPix train image once, from its label prompt, never a caption."""
+    (source,) = build.label_prompt_data(str(data_dir), str(tmp_path))
+    rows = build.read_jsonl(source["jsonl"])
+    train = build.medpix_rows(str(data_dir), "train")
+    assert [(row["output_img"][0]["path"], row["message"][0]["value"]) for row in rows] == [(f"{r['image']}.png", build.label_prompt(r)) for r in train]
+    assert all(os.path.isfile(os.path.join(source["image_dir"], row["output_img"][0]["path"])) for row in rows)
+    assert {row["sub_task_type"] for row in rows} == {"t2i"} and rows[0]["message"][0]["value"].count(", ") == 2
 
 
 @pytest.mark.parametrize(
@@ -352,9 +370,11 @@ def test_curriculum_config_overrides_only_the_stage_3_mixture():
 
 
 def test_generation_finetune_trains_the_generation_expert_on_generation_rows_only():
-    config = build.curriculum_config({}, (3, 2, 1), 4, 1e-3, 0)
-    finetune = build.generation_finetune_config(config, 7, 3e-4)
+    data = {"understanding": [{"jsonl": "u.jsonl"}], "text_to_image": [{"jsonl": "t2i.jsonl"}], "interleaved": [{"jsonl": "sr.jsonl"}]}
+    config = build.curriculum_config(data, (3, 2, 1), 4, 1e-3, 0)
+    finetune = build.generation_finetune_config(config, 7, 3e-4, [{"jsonl": "labels.jsonl"}])
     assert finetune["mixture"] == {"understanding": 0, "text_to_image": 1 / 3, "interleaved": 2 / 3}
+    assert finetune["data"] == dict(data, text_to_image=[{"jsonl": "labels.jsonl"}]) and config["data"] == data
     assert finetune["freeze"] == {"vit": True, "vae": True, "und": True, "gen": False, "connector": True}
     training = finetune["training"]
     assert (training["max_steps"], training["learning_rate"], training["lr_scheduler_type"]) == (7, 3e-4, "cosine")

@@ -126,6 +126,17 @@ def medpix_labels(rows: list[dict]):
     return modality, region
 
 
+def majority_baselines(data_dir: str, rows: list[dict]) -> dict[str, float]:
+    """How often each label kind of `rows` is the MedPix *train* majority class (the accuracy of always answering it):
+    `{"modality_majority_baseline": ..., "region_majority_baseline": ...}`."""
+    train_modality, train_region = medpix_labels(medpix_rows(data_dir, "train"))
+    modality, region = medpix_labels(rows)
+    return {
+        "modality_majority_baseline": float((modality == train_modality.mode().values).float().mean()),
+        "region_majority_baseline": float((region == train_region.mode().values).float().mean()),
+    }
+
+
 def vae_reconstruct(vae, pixels):
     """Images `[n, 3, H, W]` in [-1, 1] through the VAE (posterior mean), clamped to [-1, 1]."""
     import torch
@@ -192,6 +203,7 @@ def train_classifier(data_dir: str, output_dir: str, seed: int, vae=None, epochs
         "modality_acc": float((predicted_modality == dev_modality).float().mean()),
         "region_acc": float((predicted_region == dev_region).float().mean()),
         "n": len(dev_rows),
+        **majority_baselines(data_dir, dev_rows),
     }
     if vae is not None:
         predicted_modality, predicted_region = classify(classifier, vae_reconstruct(vae, dev))
@@ -408,15 +420,12 @@ def text_to_image(model, processor, classifier, data_dir: str, output_dir: str, 
     pixels = square_pixels(images)
     predicted_modality, predicted_region = classify(classifier, pixels)
     modality, region = medpix_labels(rows)
-    train_modality, train_region = medpix_labels(medpix_rows(data_dir, "train"))
-    majority_modality, majority_region = int(train_modality.mode().values), int(train_region.mode().values)
     return {
         "split": split,
         "n": len(rows),
         "modality_acc": float((predicted_modality == modality).float().mean()),
         "region_acc": float((predicted_region == region).float().mean()),
-        "modality_majority_baseline": float((modality == majority_modality).float().mean()),
-        "region_majority_baseline": float((region == majority_region).float().mean()),
+        **majority_baselines(data_dir, rows),
         "modality_chance": 1 / len(MODALITIES),
         "region_chance": 1 / len(REGION_NAMES),
         "sampling": {k: list(v) if isinstance(v, tuple) else v for k, v in sampling.items()},
@@ -530,10 +539,11 @@ def card_results(evaluation: dict) -> dict:
                 "value": round(100 * t2i[f"{kind}_acc"], 1), "baseline": round(100 * t2i[f"{kind}_majority_baseline"], 1), "dataset": f"MedPix 2.0 {t2i.get('split', 'dev')} prompts ({t2i['n']})",
             }
     real = evaluation.get("classifier_on_real_dev")
-    if t2i and real:
+    baselines = real if real and "region_majority_baseline" in real else t2i  # records before 2026-12-07: the t2i one
+    if real and baselines:
         for kind in ("modality", "region"):
             results[f"Label classifier on real dev images, {kind} (%) (reference)"] = {
-                "value": round(100 * real[f"{kind}_acc"], 1), "baseline": round(100 * t2i[f"{kind}_majority_baseline"], 1), "dataset": f"MedPix 2.0 dev images ({real['n']})",
+                "value": round(100 * real[f"{kind}_acc"], 1), "baseline": round(100 * baselines[f"{kind}_majority_baseline"], 1), "dataset": f"MedPix 2.0 dev images ({real['n']})",
             }
     for kind, block in (evaluation.get("vision_probe") or {}).items():
         results[f"Vision-encoder linear probe, {kind} (%) (reference)"] = {
