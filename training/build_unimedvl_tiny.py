@@ -184,20 +184,20 @@ GENERATION_FINETUNE = {
     "learning_rate": 1e-3,
     "mixture": {"understanding": 0, "text_to_image": 1 / 3, "interleaved": 2 / 3},
 }
-"""The last step: generation rows only (`mixture`; "interleaved" = the super-resolution rows; the text-to-image rows
-are the label prompts alone, `label_prompt_data`), understanding expert and ViT connector frozen (only the
-generation expert trains), cosine LR from `learning_rate`. Super-resolution needs
-far more rows than the stages give it: after stage 3, MedPix dev (197 images, bicubic 25.65 dB / 0.855 SSIM) reached
-26.70 dB / 0.863 with 1,600 steps of super-resolution rows only (v3) against 26.41 / 0.854 with LR 3e-4, but those
-steps cost text-to-image about 3 points of generated-image modality (400 train prompts: 78.5 % after, 81.7 % before);
-with a third of text-to-image rows (the same 1,600 super-resolution steps) dev generated-image modality rose to 86.8 %
-(v3 80.7 %; SR 26.51 / 0.858). With the connector training (as in v3) the step cost understanding answers (MedPix dev
-modality 84.3 → 79.7 %, open recall 20.7 → 19.5 %); frozen, they stay stage 3's. Spread over one long mixed stage 3
-instead (3,500 steps at 20 / 20 / 60 %) the super-resolution rows reached 26.62 / 0.861, but text-to-image lost its
-prompt: generated-image region accuracy 53 % against 70 % with a last fine-tune. v7 (4 VQA-RAD rounds, stages
-rebuilt): with the text-to-image rows from label prompts and captions dev generated-image modality / region were
-89.8 / 59.4 %, from the label prompts alone 91.9 / 65.0 % (guidance 3.0; SR 26.53 / 0.858 and 26.54 / 0.859); half
-text-to-image rows with captions reached 90.9 / 62.9 % but SSIM 0.852, below bicubic."""
+"""The last step: generation rows only (`mixture`; "interleaved" = the super-resolution rows; the text-to-image rows are
+the label prompts alone, `label_prompt_data`), understanding expert and ViT connector frozen (only the generation expert
+trains), cosine LR from `learning_rate`. Super-resolution needs far more rows than the stages give it: after stage 3,
+MedPix dev (197 images, bicubic 25.65 dB / 0.855 SSIM) reached 26.70 dB / 0.863 with 1,600 steps of super-resolution
+rows only (v3) against 26.41 / 0.854 with LR 3e-4, but those steps cost text-to-image about 3 points of generated-image
+modality (400 train prompts: 78.5 % after, 81.7 % before); with a third of text-to-image rows (the same 1,600
+super-resolution steps) dev generated-image modality rose to 86.8 % (v3 80.7 %; SR 26.51 / 0.858). With the connector
+training (as in v3) the step cost understanding answers (MedPix dev modality 84.3 → 79.7 %, open recall 20.7 → 19.5 %);
+frozen, they stay stage 3's. Spread over one long mixed stage 3 instead (3,500 steps at 20 / 20 / 60 %) the
+super-resolution rows reached 26.62 / 0.861, but text-to-image lost its prompt: generated-image region accuracy 53 %
+against 70 % with a last fine-tune. v7 (4 VQA-RAD rounds, stages rebuilt): with the text-to-image rows from label
+prompts and captions dev generated-image modality / region were 89.8 / 59.4 %, from the label prompts alone 91.9 / 65.0
+% (guidance 3.0; SR 26.53 / 0.858 and 26.54 / 0.859); half text-to-image rows with captions reached 90.9 / 62.9 % but
+SSIM 0.852, below bicubic."""
 
 DEFAULTS = {
     "vocab_size": 3000,
