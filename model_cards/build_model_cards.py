@@ -1,11 +1,12 @@
 """Builds the model cards of UniMedVL (converted 14B release) and UniMedVL-Tiny with `huggingface_hub.ModelCard`.
 
     python model_cards/build_model_cards.py [--output-dir model_cards] [--tiny-results results.json] \
-        [--tiny-build build_summary.json] [--tiny-evaluation evaluation.json --tiny-grid UniMedVL-Tiny-samples.png]
+        [--tiny-build build_summary.json] [--tiny-evaluation evaluation.json --tiny-grid UniMedVL-Tiny-samples.png] [--record]
 
 Writes `UniMedVL-14B.md` and `UniMedVL-Tiny.md` (each becomes a repository's README.md when published with
 `model_cards/publish.py`). Figures in the 14B card are those reported by the UniMedVL authors, labelled as such; the
 Tiny card takes measured results from a JSON file `{"metric name": {"value": v, "baseline": b, "dataset": d}}`.
+Each Tiny input left out is read from its committed record (`records/`); `--record` stores the given ones there.
 """
 
 import argparse
@@ -14,8 +15,20 @@ import pathlib
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from modeling_unimedvl.atomic_files import write_json
+
 
 CARDS_DIR = pathlib.Path(__file__).resolve().parent
+RECORDS_DIR = CARDS_DIR / "records"
+"""The JSON files the committed UniMedVL-Tiny card is built from, so that `python model_cards/build_model_cards.py`
+rebuilds the committed cards from the repository alone (a fresh machine has no build or evaluation outputs)."""
+TINY_RECORDS = {
+    "results": "UniMedVL-Tiny.results.json",
+    "build": "UniMedVL-Tiny.build_summary.json",
+    "evaluation": "UniMedVL-Tiny.evaluation.json",
+}
+"""Record kind → file name in `RECORDS_DIR`: `card_results` of the evaluation, the build script's `build_summary.json`,
+the evaluation's `evaluation.json`."""
 
 OUT_OF_SCOPE = (
     "UniMedVL is a research model. It is **not a medical device** and must not be used for diagnosis, triage, "
@@ -370,21 +383,34 @@ def tiny_card(
     )
 
 
+def read_tiny_records(paths: dict[str, str | None], record: bool = False) -> dict[str, dict | None]:
+    """The Tiny card's JSON inputs (`TINY_RECORDS` kinds → a path, or None for the committed record where there is one);
+    with `record`, each given file is also stored as the committed record (`RECORDS_DIR`)."""
+    records = {}
+    for kind, name in TINY_RECORDS.items():
+        path = paths.get(kind) or (RECORDS_DIR / name if (RECORDS_DIR / name).is_file() else None)
+        records[kind] = json.loads(pathlib.Path(path).read_text()) if path else None
+        if record and paths.get(kind):
+            RECORDS_DIR.mkdir(exist_ok=True)
+            write_json(str(RECORDS_DIR / name), records[kind], indent=1)
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default=str(CARDS_DIR))
-    parser.add_argument("--tiny-results", help="JSON file with UniMedVL-Tiny's measured results")
-    parser.add_argument("--tiny-build", help="build_summary.json of unimedvl_training.build_unimedvl_tiny (training recipe)")
-    parser.add_argument("--tiny-evaluation", help="evaluation.json of unimedvl_training.evaluate_unimedvl_tiny (its grid)")
+    parser.add_argument("--tiny-results", help="JSON file with UniMedVL-Tiny's measured results (default: the committed record)")
+    parser.add_argument("--tiny-build", help="build_summary.json of unimedvl_training.build_unimedvl_tiny (training recipe; default: the committed record)")
+    parser.add_argument("--tiny-evaluation", help="evaluation.json of unimedvl_training.evaluate_unimedvl_tiny (its grid; default: the committed record)")
     parser.add_argument("--tiny-grid", default="UniMedVL-Tiny-samples.png", help="the grid picture, relative to the card")
+    parser.add_argument("--record", action="store_true", help=f"store the given JSON files as the committed records ({RECORDS_DIR.name}/)")
     args = parser.parse_args(argv)
     output = pathlib.Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    results = json.loads(pathlib.Path(args.tiny_results).read_text()) if args.tiny_results else None
+    records = read_tiny_records({"results": args.tiny_results, "build": args.tiny_build, "evaluation": args.tiny_evaluation}, args.record)
     release_card().save(output / "UniMedVL-14B.md")
-    build = json.loads(pathlib.Path(args.tiny_build).read_text()) if args.tiny_build else None
-    evaluation = json.loads(pathlib.Path(args.tiny_evaluation).read_text()) if args.tiny_evaluation else {}
-    tiny_card(results, build=build, grid=evaluation.get("grid"), grid_path=args.tiny_grid).save(output / "UniMedVL-Tiny.md")
+    evaluation = records["evaluation"] or {}
+    tiny_card(records["results"], build=records["build"], grid=evaluation.get("grid"), grid_path=args.tiny_grid).save(output / "UniMedVL-Tiny.md")
     print(f"wrote {output / 'UniMedVL-14B.md'} and {output / 'UniMedVL-Tiny.md'}")
 
 

@@ -29,6 +29,28 @@ def test_release_card_has_metadata_and_sections(tmp_path):
     assert "not a medical device" in card.text and "reported by the UniMedVL authors" in card.text
 
 
+def test_committed_cards_are_built_from_the_committed_records(tmp_path):
+    """The cards in the repository are exactly what the builder makes of the committed records (build summary,
+    evaluation, results): no hand edits, and a fresh checkout can rebuild them."""
+    for name in build_model_cards.TINY_RECORDS.values():
+        assert (build_model_cards.RECORDS_DIR / name).is_file(), name
+    build_model_cards.main(["--output-dir", str(tmp_path)])
+    for name in ("UniMedVL-14B.md", "UniMedVL-Tiny.md"):
+        assert (tmp_path / name).read_text() == (build_model_cards.CARDS_DIR / name).read_text(), name
+
+
+def test_record_stores_the_given_files_and_others_come_from_the_records(tmp_path, monkeypatch):
+    records_dir = tmp_path / "records"
+    monkeypatch.setattr(build_model_cards, "RECORDS_DIR", records_dir)
+    given = tmp_path / "results.json"
+    given.write_text('{"m": {"value": 1, "baseline": 0, "dataset": "d"}}')
+    records = build_model_cards.read_tiny_records({"results": str(given), "build": None, "evaluation": None}, record=True)
+    assert records == {"results": {"m": {"value": 1, "baseline": 0, "dataset": "d"}}, "build": None, "evaluation": None}
+    assert sorted(p.name for p in records_dir.iterdir()) == ["UniMedVL-Tiny.results.json"]
+    again = build_model_cards.read_tiny_records({"results": None, "build": None, "evaluation": None})
+    assert again == records
+
+
 def test_tiny_card_lists_measured_results_against_baselines(tmp_path):
     results = {"closed yes/no accuracy": {"value": 0.71, "baseline": 0.55, "dataset": "VQA-RAD test"}}
     card = build_model_cards.tiny_card(results)

@@ -445,6 +445,22 @@ def test_reduced_grey_keeps_small_images_and_shrinks_large_ones(tmp_path):
     assert (small.mode, small.size, small.getpixel((0, 0))) == ("L", (100, 50), 7)
 
 
+def test_step_timings_add_up_the_runs_of_a_resumed_build(tmp_path, monkeypatch):
+    """A resumed build adds each run's time of a step to its earlier runs' (read back from the file), for steps run
+    in this process and for those timed elsewhere (`record`)."""
+    clock = iter([0.0, 10.0, 10.0, 14.0, 20.0, 25.0])
+    monkeypatch.setattr(build.time, "perf_counter", lambda: next(clock))
+    path = str(tmp_path / "timings.json")
+    first = build.StepTimings(path)
+    assert first.run("stage1_s", lambda value: value * 2, 21) == 42
+    first.run("data_s", lambda: None)
+    second = build.StepTimings(path)
+    second.run("stage1_s", lambda: None)
+    second.record("vae_s", 3.5)
+    assert second.seconds == {"stage1_s": 15.0, "data_s": 4.0, "vae_s": 3.5}
+    assert json.loads((tmp_path / "timings.json").read_text()) == second.seconds
+
+
 @pytest.mark.slow
 def test_the_build_script_runs_end_to_end(data_dir, tmp_path):
     """Every step of the build (tokenizer, VAE, model, vision, data, three stages, generation fine-tune, final
@@ -456,9 +472,11 @@ def test_the_build_script_runs_end_to_end(data_dir, tmp_path):
     ])
     assert summary["vocab_size"] == 600 and summary["dtypes"] == ["F32"]
     assert [stage["stage"] for stage in summary["stages"]] == ["stage1", "stage2", "stage3", "generation fine-tune"]
+    label_prompts = str(tmp_path / "data" / "t2i_label_prompts.jsonl")
     assert summary["generation_finetune"] == {"steps": 2, "learning_rate": build.GENERATION_FINETUNE["learning_rate"],
                                               "mixture": build.GENERATION_FINETUNE["mixture"],
-                                              "freeze": {"vit": True, "vae": True, "und": True, "gen": False, "connector": True}}
+                                              "freeze": {"vit": True, "vae": True, "und": True, "gen": False, "connector": True},
+                                              "text_to_image": [{"jsonl": label_prompts, "image_dir": str(data_dir.resolve() / "medpix" / "images")}]}
     loaded = m.UniMedVLForConditionalGeneration.from_pretrained(summary["final"])
     assert loaded.config.text_config.vocab_size == 600
     assert set(build.code_files(summary["final"])) == set(build.current_code())

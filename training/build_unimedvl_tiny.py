@@ -1122,6 +1122,28 @@ def _stage_only(user_config: dict, stage: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+class StepTimings:
+    """Wall seconds of each build step, kept in a JSON file (`{"stage1_s": 632.1, ...}`) across resumed runs: each
+    run's time is added to that of the step's earlier runs, so a resumed build reports all the time it took (a
+    finished step costs a resumed run next to nothing; the data step, redone every run, finds its images on disk)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.seconds = json.load(open(path)) if os.path.isfile(path) else {}
+
+    def run(self, name: str, function, *args, **kwargs):
+        """`function(*args, **kwargs)`, its wall time recorded under `name`."""
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        self.record(name, time.perf_counter() - start)
+        return result
+
+    def record(self, name: str, seconds: float) -> None:
+        """Adds `seconds` to the time recorded under `name` and writes the file."""
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 1)
+        write_json(self.path, self.seconds, indent=1)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=os.environ.get("UNIMEDVL_DATA_DIR", "../shared/data"))
@@ -1165,15 +1187,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
-    timings_path = os.path.join(output, "timings.json")
-    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {}
-
-    def timed(name, function, *f_args, **f_kwargs):
-        start = time.perf_counter()
-        result = function(*f_args, **f_kwargs)
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)
-        write_json(timings_path, timings, indent=1)
-        return result
+    step_timings = StepTimings(os.path.join(output, "timings.json"))
+    timed = step_timings.run
 
     tokenizer = timed("tokenizer_s", train_tokenizer, args.data, os.path.join(output, "tokenizer"), args.vocab_size)
     print(f"tokenizer: {len(tokenizer)} tokens", flush=True)
@@ -1197,9 +1212,8 @@ def main(argv=None) -> dict:
                 return {}
     else:  # independent of each other: one process each, half the threads each
         for name, (report, seconds) in pretrain_in_parallel(stage0, torch.get_num_threads() // 2).items():
-            timings[f"{name}_s"] = round(timings.get(f"{name}_s", 0.0) + seconds, 1)
+            step_timings.record(f"{name}_s", seconds)
             reports[name] = report
-        write_json(timings_path, timings, indent=1)
     vision_report, vae_report = reports["vision"], reports["vae"]
     print(f"VAE: train PSNR {vae_report['train_psnr']} dB (2x bicubic: {vae_report['train_psnr_2x_bicubic']} dB)", flush=True)
     if args.stop_after == "vae":
@@ -1224,7 +1238,7 @@ def main(argv=None) -> dict:
     summary = {
         "command": "python -m unimedvl_training.build_unimedvl_tiny " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": args.seed,
-        "timings_s": timings,
+        "timings_s": step_timings.seconds,
         "vae": {k: v for k, v in vae_report.items() if k != "history"},
         "vision": {k: v for k, v in vision_report.items() if k != "history"},
         "stages": [summarize(name, f) for name, f in zip(("stage1", "stage2", "stage3", "generation fine-tune"), finals)],
