@@ -179,7 +179,8 @@ def release_card(repo_id: str = "General-Medical-AI/UniMedVL") -> ModelCard:
 
 TINY_RECIPE = (
     "Built from scratch on the CPU by one reproducible command (each step checkpoints; re-running the command "
-    "resumes and ends with the same weights, bit for bit):\n\n"
+    "resumes and ends with the same weights, bit for bit, on the same machine; on another CPU the vision step's "
+    "floating-point results, and so the weights, can differ):\n\n"
     "```bash\n{command}\n```\n\n"
     "Seed {seed}; machine: {machine}; torch threads {threads}. Wall times: tokenizer {tokenizer_s} s, VAE {vae_s} s, "
     "vision encoder {vision_s} s{stage0_together}, data {data_s} s, curriculum stage 1 {stage1_s} s, stage 2 {stage2_s} s, stage 3 "

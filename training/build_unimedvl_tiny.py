@@ -6,7 +6,8 @@ generation fine-tune.
 
 Steps (each writes its result atomically and is skipped when that result exists; the long ones save a checkpoint
 every few hundred steps and continue from it, so a killed build re-run with the same command resumes and ends with
-the same weights, bit for bit, as an uninterrupted one):
+the same weights, bit for bit, as an uninterrupted one on the same machine; on another machine the vision step came
+out different (2026-12-08: same code, seed and locked versions, tokenizer and VAE byte-identical, every ViT tensor not)):
 
 0. **Tokenizer** — a byte-level BPE (`tokenizers`, Qwen2 pre-tokenizer) trained on the *training* text only: VQA-RAD
    train questions/answers, MedPix train captions/labels/case text and the prompt templates below; the UniMedVL special
